@@ -1,0 +1,37 @@
+"""nerve: NerVE (Nonlinear Eigenspectrum Dynamics in FFNs) for torchtitan.
+
+The core (this package, without ``nerve_plugin.torchtitan``) works on any ``nn.Module``:
+taps (hooks) -> streaming covariance statistics -> distributed merge -> float64 eigen-spectrum metrics.
+"""
+
+from .spectrum import (
+    SpectrumMetrics,
+    compute_covariance,
+    compute_eee,
+    compute_js,
+    compute_participation_ratio,
+    compute_sorted_eigs,
+    compute_spectral_entropy,
+    normalize_eigs,
+    spectrum_metrics,
+)
+from .stats import CovarianceStats, all_reduce_stats
+from .taps import BUILTIN_SPECS, FFNTaps, TapPoint, TapSpec
+
+__all__ = [
+    "BUILTIN_SPECS",
+    "CovarianceStats",
+    "FFNTaps",
+    "SpectrumMetrics",
+    "TapPoint",
+    "TapSpec",
+    "all_reduce_stats",
+    "compute_covariance",
+    "compute_eee",
+    "compute_js",
+    "compute_participation_ratio",
+    "compute_sorted_eigs",
+    "compute_spectral_entropy",
+    "normalize_eigs",
+    "spectrum_metrics",
+]
