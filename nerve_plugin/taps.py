@@ -6,16 +6,30 @@ built-in specs cover torchtitan 0.2.2's dense FFNs. Wrappers that torchtitan and
 (activation checkpointing, torch.compile, FSDP) are looked through when resolving module paths.
 
 Hooks exist only between ``attach()`` and ``remove()``, and they only do work while armed (a logging step).
+
+Why the hooks look the way they do (torch.compile with fullgraph=True, as torchtitan compiles each block):
+- Every hook is one of two module-level functions, and a tapped module carries its slot as a tensor
+  attribute. Per-layer closures or integer attributes would be guarded by dynamo and recompile the shared
+  block graph once per layer, until the recompile limit (pytorch#170110).
+- The hook calls the opaque custom op ``nerve::capture``, so the graph holds one call and our Python runs at
+  run time, not at trace time (capture-to-dict hooks cannot be traced under fullgraph, pytorch#173452). The
+  op declares that it mutates the slot, which keeps the compiler from dropping it as dead code.
+- Whether a step is logged is decided inside the op at run time, so arming never triggers a recompile.
+- Activation checkpointing re-runs forwards inside the backward pass: the op skips calls made there.
+Hooks must be attached before the blocks are compiled: hooks added afterwards are ignored (pytorch#117758).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Literal
 
 import torch
+import torch.distributed as dist
+import torch.distributed.tensor
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -25,6 +39,7 @@ TAPS = ("pre", "post")
 
 # Attributes under which PyTorch wrappers keep the wrapped module: checkpoint_wrapper, torch.compile.
 _WRAPPER_ATTRS = frozenset({"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"})
+_SLOT_ATTR = {"input": "_nerve_input_slot", "output": "_nerve_output_slot"}
 
 
 @dataclass(frozen=True)
@@ -65,8 +80,6 @@ def canonical_name(name: str) -> str:
 
 def find_module(root: nn.Module, path: str) -> nn.Module | None:
     """The submodule at a dotted path, looking through wrappers; None if it does not exist."""
-    if canonical_name(path) == "":
-        return root
     target = canonical_name(path)
     for name, module in root.named_modules():
         if canonical_name(name) == target:
@@ -86,12 +99,57 @@ def find_blocks(model: nn.Module, spec: TapSpec) -> list[tuple[int, nn.Module]]:
     return [(int(name) if name.isdigit() else position, block) for position, (name, block) in enumerate(children)]
 
 
+# -- the capture path shared by every tap ---------------------------------------------------------------------
+
+_slot_ids = itertools.count()
+_slots: dict[int, tuple["FFNTaps", int, str]] = {}
+
+
+@torch.library.custom_op("nerve::capture", mutates_args=("slot",))
+def _capture_op(activation: torch.Tensor, slot: torch.Tensor) -> None:
+    _deliver(activation, slot)
+
+
+@_capture_op.register_fake
+def _(activation, slot):
+    return None
+
+
+def _deliver(activation: torch.Tensor, slot: torch.Tensor) -> None:
+    owner = _slots.get(int(slot))
+    if owner is None:
+        return
+    taps, layer, tap = owner
+    taps._capture(layer, tap, activation)
+
+
+def _send(activation, slot: torch.Tensor) -> None:
+    if isinstance(activation, torch.distributed.tensor.DTensor):
+        activation = activation.to_local()
+    if torch.compiler.is_compiling():
+        torch.ops.nerve.capture(activation, slot)
+    else:
+        _deliver(activation, slot)  # eager: skip the op's dispatch, same code
+
+
+def _output_hook(module, args, output):
+    _send(output, module._nerve_output_slot)
+
+
+def _input_hook(module, args):
+    _send(args[0], module._nerve_input_slot)
+
+
 class FFNTaps:
     """Hooks on every selected block's pre and post tap, feeding one ``CovarianceStats`` per (layer, tap).
 
     Pre and post of a block are measured on the same tokens: when ``max_tokens_per_forward`` sub-samples a
     forward, both taps draw the same row indices, from a generator seeded by (seed, step, layer, forward
     ordinal). Forwards re-run by activation checkpointing during backward are not counted again.
+
+    ``feature_group``: tensor parallelism. The tapped activations are equal column shards of the FFN hidden
+    dimension over this group (the same tokens on every rank); the kept rows are all-gathered so that every
+    rank accumulates the full D x D statistics, cross-shard blocks included.
     """
 
     def __init__(
@@ -103,6 +161,7 @@ class FFNTaps:
         max_tokens_per_forward: int | None = None,
         seed: int = 0,
         accumulate_dtype: torch.dtype | None = None,
+        feature_group: dist.ProcessGroup | None = None,
     ):
         if max_tokens_per_forward is not None and max_tokens_per_forward < 2:
             raise ValueError(f"max_tokens_per_forward must be >= 2 or None, got {max_tokens_per_forward}")
@@ -110,6 +169,7 @@ class FFNTaps:
         self.max_tokens_per_forward = max_tokens_per_forward
         self.seed = seed
         self.accumulate_dtype = accumulate_dtype
+        self.feature_group = feature_group
         wanted = None if layers is None else set(layers)
         self._points: dict[tuple[int, str], nn.Module] = {}
         for layer, block in find_blocks(model, spec):
@@ -120,7 +180,7 @@ class FFNTaps:
                 continue  # e.g. an MoE block in a model whose dense blocks carry the FFN
             self._points[(layer, "pre")] = pre
             self._points[(layer, "post")] = post
-        if not self._points:
+        if not self._points and wanted is None:
             raise ValueError(
                 f"tap spec found no FFN: no block under {spec.blocks!r} has both "
                 f"{spec.pre.module!r} and {spec.post.module!r}"
@@ -128,6 +188,7 @@ class FFNTaps:
         self.layers: list[int] = sorted({layer for layer, _ in self._points})
         self.stats: dict[tuple[int, str], CovarianceStats] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._slot_ids: list[int] = []
         self._armed_step: int | None = None
         self._forward_ordinal: dict[tuple[int, str], int] = {}
 
@@ -137,19 +198,31 @@ class FFNTaps:
         if self._handles:
             return self
         for (layer, tap), module in self._points.items():
-            point = self.spec.pre if tap == "pre" else self.spec.post
-            if point.capture == "output":
-                hook = self._make_output_hook(layer, tap)
-                self._handles.append(module.register_forward_hook(hook))
+            capture = (self.spec.pre if tap == "pre" else self.spec.post).capture
+            attr = _SLOT_ATTR[capture]
+            if getattr(module, attr, None) is not None:
+                raise RuntimeError(f"layer {layer} {tap}: module is already tapped (remove the other taps first)")
+            slot = next(_slot_ids)
+            _slots[slot] = (self, layer, tap)
+            self._slot_ids.append(slot)
+            setattr(module, attr, torch.tensor(slot))
+            if capture == "output":
+                self._handles.append(module.register_forward_hook(_output_hook))
             else:
-                hook = self._make_input_hook(layer, tap)
-                self._handles.append(module.register_forward_pre_hook(hook))
+                self._handles.append(module.register_forward_pre_hook(_input_hook))
         return self
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        for (layer, tap), module in self._points.items():
+            capture = (self.spec.pre if tap == "pre" else self.spec.post).capture
+            if hasattr(module, _SLOT_ATTR[capture]):
+                delattr(module, _SLOT_ATTR[capture])
+        for slot in self._slot_ids:
+            _slots.pop(slot, None)
         self._handles.clear()
+        self._slot_ids.clear()
 
     @property
     def attached(self) -> bool:
@@ -162,6 +235,10 @@ class FFNTaps:
 
     def disarm(self) -> None:
         self._armed_step = None
+
+    @property
+    def armed_step(self) -> int | None:
+        return self._armed_step
 
     @contextlib.contextmanager
     def capturing(self, step: int) -> Iterator["FFNTaps"]:
@@ -177,18 +254,6 @@ class FFNTaps:
 
     # -- capture ---------------------------------------------------------------------------------------------
 
-    def _make_output_hook(self, layer: int, tap: str):
-        def hook(module, args, output):
-            self._capture(layer, tap, output)
-
-        return hook
-
-    def _make_input_hook(self, layer: int, tap: str):
-        def hook(module, args):
-            self._capture(layer, tap, args[0])
-
-        return hook
-
     def _capture(self, layer: int, tap: str, activation: torch.Tensor) -> None:
         if self._armed_step is None:
             return
@@ -202,18 +267,31 @@ class FFNTaps:
         # Our ops must be invisible to dispatch modes active in the forward: op-level selective activation
         # checkpointing counts and caches matmuls by order, and an extra Gram matmul would misalign its
         # recomputation.
-        with _disable_current_modes():
+        with _disable_current_modes(), torch.no_grad():
             rows = activation.detach().reshape(-1, activation.shape[-1])
             if self.max_tokens_per_forward is not None and rows.shape[0] > self.max_tokens_per_forward:
                 rows = rows.index_select(0, self._sample_rows(rows.shape[0], rows.device, layer, ordinal))
+            if self.feature_group is not None:
+                rows = _gather_columns(rows, self.feature_group)
             stats = self.stats.get(key)
             if stats is None:
                 stats = self.stats[key] = CovarianceStats(rows.shape[-1], rows.device, self.accumulate_dtype)
             stats.update(rows)
 
     def _sample_rows(self, n_rows: int, device: torch.device, layer: int, ordinal: int) -> torch.Tensor:
-        # Pre and post of one forward derive the same seed, so they keep the same tokens.
+        # Pre and post of one forward derive the same seed, so they keep the same tokens; so do the ranks of
+        # a tensor-parallel group, which see the same tokens.
         digest = hashlib.blake2b(f"{self.seed}/{self._armed_step}/{layer}/{ordinal}".encode(), digest_size=8)
         generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
         chosen = torch.randperm(n_rows, generator=generator, device=device)[: self.max_tokens_per_forward]
         return chosen.sort().values
+
+
+def _gather_columns(rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """[n, d/W] column shards of W ranks -> the full [n, d] rows, in rank order."""
+    world = dist.get_world_size(group)
+    rows = rows.contiguous()
+    gathered = torch.empty(world * rows.numel(), dtype=rows.dtype, device=rows.device)
+    dist.all_gather_into_tensor(gathered, rows.flatten(), group=group)
+    n, d_local = rows.shape
+    return gathered.view(world, n, d_local).permute(1, 0, 2).reshape(n, world * d_local)
