@@ -15,17 +15,23 @@ from .spectrum import (
     normalize_eigs,
     spectrum_metrics,
 )
-from .stats import CovarianceStats, all_reduce_stats
+from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, TapResult
+from .stats import CovarianceStats, reduce_stats
 from .taps import BUILTIN_SPECS, FFNTaps, TapPoint, TapSpec
 
 __all__ = [
     "BUILTIN_SPECS",
     "CovarianceStats",
     "FFNTaps",
+    "LayerRecord",
+    "MonitorConfig",
+    "NerveMonitor",
+    "ParallelGroups",
+    "TapResult",
     "SpectrumMetrics",
     "TapPoint",
     "TapSpec",
-    "all_reduce_stats",
+    "reduce_stats",
     "compute_covariance",
     "compute_eee",
     "compute_js",

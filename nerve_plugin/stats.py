@@ -117,27 +117,38 @@ class CovarianceStats:
 
 
 @torch.no_grad()
-def all_reduce_stats(stats: list[CovarianceStats], group: dist.ProcessGroup | None = None) -> None:
-    """Merge every rank's statistics in place, so each rank ends with the statistics of all ranks' rows.
+def reduce_stats(
+    stats: list[CovarianceStats], group: dist.ProcessGroup | None = None, owners: list[int] | None = None
+) -> list[int]:
+    """Merge the ranks' statistics. Returns the indices of ``stats`` that now hold the merged result here.
 
-    Every rank must pass states of the same dimensions in the same order (a state with no rows is fine).
-    Two collectives, whatever the number of states: an all-gather of counts and means, then one sum of the
-    Chan-corrected second moments, in float64 so the merge adds no rounding beyond the local sums.
+    ``owners[i]`` is the rank (within ``group``) that receives the merge of ``stats[i]``; with ``owners=None``
+    every rank receives every merge. States this rank does not own are left unspecified: reset them before
+    reuse. Every rank of the group must pass states of the same dimensions in the same order (a state with no
+    rows is fine), and the same owners.
+
+    Collectives: one all-gather of counts and means, then one sum of the Chan-corrected second moments per
+    distinct owner (one all-reduce without owners), in float64 so the merge adds no rounding of its own.
     """
-    if not stats or dist.get_world_size(group) == 1:
-        return
+    if not stats:
+        return []
+    if group is None and not dist.is_initialized():
+        return list(range(len(stats)))
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    if owners is not None and len(owners) != len(stats):
+        raise ValueError(f"owners has {len(owners)} entries for {len(stats)} states")
+    if world == 1:
+        return list(range(len(stats)))
     device = stats[0].device
     local = torch.cat(
         [torch.cat([torch.tensor([float(s.count)], dtype=torch.float64, device=device), s.mean]) for s in stats]
     )
-    world = dist.get_world_size(group)
     gathered = torch.empty(world * local.numel(), dtype=torch.float64, device=device)
     dist.all_gather_into_tensor(gathered, local, group=group)
-    gathered = gathered.view(world, local.numel())
-
-    per_state = gathered.split([1 + s.dim for s in stats], dim=1)
+    per_state = gathered.view(world, local.numel()).split([1 + s.dim for s in stats], dim=1)
     totals = [int(c) for c in torch.stack([block[:, 0].sum() for block in per_state]).tolist()]
-    corrected, means = [], []
+
+    means, corrected = [], []
     for s, block, total in zip(stats, per_state, totals):
         counts, rank_means = block[:, 0], block[:, 1:]
         mean = (counts[:, None] * rank_means).sum(dim=0) / max(total, 1)
@@ -145,9 +156,26 @@ def all_reduce_stats(stats: list[CovarianceStats], group: dist.ProcessGroup | No
         corrected.append((s.m2.to(torch.float64) + torch.outer(delta, delta) * s.count).flatten())
         means.append(mean)
 
-    flat = torch.cat(corrected)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    for s, total, mean, m2 in zip(stats, totals, means, flat.split([s.dim * s.dim for s in stats])):
-        s.count = total
-        s.mean.copy_(mean)
-        s.m2.copy_(m2.view(s.dim, s.dim))
+    if owners is None:
+        buckets = {None: list(range(len(stats)))}
+    else:
+        buckets = {}
+        for i, owner in enumerate(owners):
+            buckets.setdefault(owner, []).append(i)
+    mine = []
+    for owner in sorted(buckets, key=lambda o: -1 if o is None else o):
+        indices = buckets[owner]
+        flat = torch.cat([corrected[i] for i in indices])
+        if owner is None:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        else:
+            dst = owner if group is None else dist.get_global_rank(group, owner)
+            dist.reduce(flat, dst=dst, op=dist.ReduceOp.SUM, group=group)
+            if owner != me:
+                continue
+        for i, m2 in zip(indices, flat.split([stats[i].dim ** 2 for i in indices])):
+            stats[i].count = totals[i]
+            stats[i].mean.copy_(means[i])
+            stats[i].m2.copy_(m2.view(stats[i].dim, stats[i].dim))
+            mine.append(i)
+    return sorted(mine)

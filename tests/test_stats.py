@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nerve_plugin import CovarianceStats, all_reduce_stats
+from nerve_plugin import CovarianceStats, reduce_stats
 
 TOLERANCE = 1e-6
 
@@ -105,19 +105,33 @@ def _gloo_worker(rank: int, port: int, accumulate_dtype: torch.dtype) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         start, stop, sizes = RANK_ROWS[rank]
-        states = [stream(_all_rows(d)[start:stop], sizes, accumulate_dtype) for d in DIMS]
-        # A state that only rank 1 has rows for: rank 0 takes part with an empty one.
-        only_one = CovarianceStats(8, accumulate_dtype=accumulate_dtype)
-        if rank == 1:
-            only_one.update(make_rows(11, 50, 8, 2.0))
-        all_reduce_stats(states + [only_one])
-        for d, state in zip(DIMS, states):
-            assert state.count == 1000
-            err = relative_error(state.covariance(), two_pass_covariance(_all_rows(d).numpy()))
-            assert err < TOLERANCE, (rank, d, err)
-        assert only_one.count == 50
-        err = relative_error(only_one.covariance(), two_pass_covariance(make_rows(11, 50, 8, 2.0).numpy()))
-        assert err < TOLERANCE
+        references = [two_pass_covariance(_all_rows(d).numpy()) for d in DIMS]
+        references.append(two_pass_covariance(make_rows(11, 50, 8, 2.0).numpy()))
+        counts = [1000, 1000, 50]
+
+        def check(merged, indices):
+            for i in indices:
+                assert merged[i].count == counts[i], (rank, i)
+                err = relative_error(merged[i].covariance(), references[i])
+                assert err < TOLERANCE, (rank, i, err)
+
+        def local_states():
+            states = [stream(_all_rows(d)[start:stop], sizes, accumulate_dtype) for d in DIMS]
+            # A state that only rank 1 has rows for: rank 0 takes part with an empty one.
+            only_one = CovarianceStats(8, accumulate_dtype=accumulate_dtype)
+            if rank == 1:
+                only_one.update(make_rows(11, 50, 8, 2.0))
+            return states + [only_one]
+
+        merged = local_states()
+        assert reduce_stats(merged) == [0, 1, 2]
+        check(merged, range(3))
+        # Owners: each merge lands on one rank only (the eigen-solves are then spread over ranks).
+        owners = [1, 0, 1]
+        merged = local_states()
+        mine = reduce_stats(merged, owners=owners)
+        assert mine == [i for i, owner in enumerate(owners) if owner == rank]
+        check(merged, mine)
     finally:
         dist.destroy_process_group()
 

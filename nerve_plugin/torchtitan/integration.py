@@ -1,0 +1,223 @@
+"""NerVE inside torchtitan 0.2.2's Trainer, through its extension points only.
+
+``install()`` re-registers the TrainSpecs of torchtitan's dense models under their own names (a spec registered
+under an existing name wins), so ``model.name`` stays as it was. The wrapped spec differs in three places, each
+of which does nothing unless ``[nerve] enable = true``:
+
+- ``parallelize_fn``: attaches the taps to the model (or to each pipeline stage) *before* torchtitan applies
+  TP, activation checkpointing, compile and FSDP, so the hooks are part of what gets compiled.
+- ``build_lr_schedulers_fn``: keeps the scheduler container. Its ``last_epoch`` counts finished optimizer
+  steps and is restored from checkpoints, so ``last_epoch + 1`` is torchtitan's current step in every forward:
+  under gradient accumulation, across pipeline microbatches, and after a resume.
+- ``build_metrics_processor_fn``: a MetricsProcessor whose ``should_log(step)``, which the Trainer calls on
+  every rank after every optimizer step, ends the step: on a logging step it merges, solves, and writes into
+  torchtitan's own TensorBoard run and a JSONL file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from torch import nn
+from torchtitan.components.metrics import MetricsProcessor, TensorBoardLogger, build_metrics_processor
+from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
+from torchtitan.tools.logging import logger
+
+from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups
+from nerve_plugin.taps import BUILTIN_SPECS
+from nerve_plugin.writers import JsonlWriter, TensorBoardWriter
+
+WRAPPED_MODELS = ("llama3", "llama4", "qwen3")
+
+
+def nerve_config(job_config):
+    """The [nerve] section, or None when the job was not built with nerve's custom_config_module."""
+    return getattr(job_config, "nerve", None)
+
+
+def enabled(job_config) -> bool:
+    config = nerve_config(job_config)
+    return bool(config is not None and config.enable)
+
+
+class NerveSession:
+    """Per-process state of one training job: the monitor, the step source and the writers."""
+
+    def __init__(self, job_config, parallel_dims, model_name: str):
+        self.job_config = job_config
+        self.parallel_dims = parallel_dims
+        self.config = nerve_config(job_config)
+        spec_name = model_name if self.config.spec == "auto" else self.config.spec
+        if spec_name not in BUILTIN_SPECS:
+            raise ValueError(
+                f"[nerve] spec = 'auto' has no tap spec for model.name = {model_name!r}; "
+                f"set [nerve] spec to one of {sorted(BUILTIN_SPECS)}"
+            )
+        self.spec = BUILTIN_SPECS[spec_name]
+        self.monitor_config = MonitorConfig(
+            log_freq=self.config.log_freq,
+            taps=tuple(self.config.taps),
+            layers=self.config.layers or None,
+            max_tokens_per_forward=self._tokens_per_forward(),
+            eigen_solve=self.config.eigen_solve,
+            seed=self.config.seed,
+        )
+        self.groups = ParallelGroups(
+            token_group=_optional_group(parallel_dims, "loss"),
+            feature_group=_optional_group(parallel_dims, "tp"),
+            report_rank=_metrics_rank(parallel_dims, job_config),
+        )
+        self.monitor: NerveMonitor | None = None
+        self.lr_schedulers = None
+        self.writers: list = []
+
+    def _tokens_per_forward(self) -> int | None:
+        budget = self.config.tokens_per_rank
+        if budget == 0:
+            return None
+        training, parallelism = self.job_config.training, self.job_config.parallelism
+        dp = self.parallel_dims.dp_replicate * self.parallel_dims.dp_shard
+        global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * dp
+        forwards = global_batch // (training.local_batch_size * dp)
+        if self.parallel_dims.pp_enabled:
+            forwards *= max(1, training.local_batch_size // parallelism.pipeline_parallel_microbatch_size)
+        return max(2, budget // forwards)
+
+    # -- hooks into the Trainer ------------------------------------------------------------------------------
+
+    def attach(self, model: nn.Module) -> None:
+        part = NerveMonitor(model, self.spec, self.monitor_config, self.groups)
+        if self.monitor is None:
+            self.monitor = part
+        else:  # another pipeline stage held by this rank
+            self.monitor.taps.extend(part.taps)
+            self.monitor.layers = sorted(set(self.monitor.layers) | set(part.layers))
+        for taps in part.taps:
+            taps.attach()
+        model.register_forward_pre_hook(self._begin_forward)
+
+    def _begin_forward(self, module, args) -> None:
+        # Evaluation forwards run without grad and must not count.
+        if not torch.is_grad_enabled():
+            self.monitor.pause()
+        elif self.lr_schedulers is not None:
+            self.monitor.begin_step(self.lr_schedulers.schedulers[0].last_epoch + 1)
+
+    def end_step(self, step: int, metrics_processor: MetricsProcessor) -> None:
+        if self.monitor is None:
+            return
+        records = self.monitor.end_step(step)
+        if records is None:
+            return
+        if torch.distributed.get_rank() == self.groups.report_rank:
+            self._write(step, records, metrics_processor)
+
+    def _write(self, step: int, records: list[LayerRecord], metrics_processor: MetricsProcessor) -> None:
+        if not self.writers:
+            self.writers = self._build_writers(metrics_processor)
+        for writer in self.writers:
+            writer.write(step, records)
+        pre = [r.pre.spectral_entropy for r in records if r.pre]
+        post = [r.post.spectral_entropy for r in records if r.post]
+        summary = f"nerve step {step}: {len(records)} layers in {self.monitor.last_duration_s:.2f}s"
+        if pre and post:
+            summary += f", mean SE pre {sum(pre) / len(pre):.3f} -> post {sum(post) / len(post):.3f}"
+        logger.info(summary)
+
+    def _build_writers(self, metrics_processor: MetricsProcessor) -> list:
+        writers = []
+        if "tensorboard" in self.config.outputs:
+            tb = [l for l in getattr(metrics_processor.logger, "_loggers", []) if isinstance(l, TensorBoardLogger)]
+            if tb:
+                writers.append(TensorBoardWriter(tb[0].writer, self.config.taps))
+            else:
+                logger.warning("[nerve] outputs has 'tensorboard' but metrics.enable_tensorboard is off on this rank")
+        if "jsonl" in self.config.outputs:
+            writers.append(JsonlWriter(jsonl_path(self.job_config)))
+        return writers
+
+
+def jsonl_path(job_config) -> str:
+    return os.path.join(job_config.job.dump_folder, "nerve", "metrics.jsonl")
+
+
+_session: NerveSession | None = None
+
+
+def current_session() -> NerveSession | None:
+    return _session
+
+
+def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
+    original_parallelize = spec.parallelize_fn
+    original_lr_schedulers = spec.build_lr_schedulers_fn
+    original_metrics = spec.build_metrics_processor_fn or build_metrics_processor
+
+    def build_metrics_processor_fn(job_config, parallel_dims, model_args=None, *args, **kwargs):
+        global _session
+        if not enabled(job_config):
+            return original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
+        processor = original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
+        session = _session = NerveSession(job_config, parallel_dims, model_name)
+        torchtitan_should_log = processor.should_log
+
+        def should_log(step: int) -> bool:
+            # The Trainer calls this on every rank once per step, after the optimizer step: the one place
+            # where every rank can issue the merge's collectives at the same step.
+            session.end_step(step, processor)
+            return torchtitan_should_log(step)
+
+        processor.should_log = should_log
+        return processor
+
+    def parallelize_fn(model, parallel_dims, job_config, *args, **kwargs):
+        if enabled(job_config) and _session is not None:
+            _session.attach(model)
+        return original_parallelize(model, parallel_dims, job_config, *args, **kwargs)
+
+    def build_lr_schedulers_fn(optimizers, lr_config, training_steps, *args, **kwargs):
+        schedulers = original_lr_schedulers(optimizers, lr_config, training_steps, *args, **kwargs)
+        if _session is not None:
+            _session.lr_schedulers = schedulers
+        return schedulers
+
+    return dataclasses.replace(
+        spec,
+        parallelize_fn=parallelize_fn,
+        build_lr_schedulers_fn=build_lr_schedulers_fn,
+        build_metrics_processor_fn=build_metrics_processor_fn,
+    )
+
+
+def install(model_names=WRAPPED_MODELS) -> None:
+    """Register the wrapped specs (idempotent)."""
+    global _installed
+    for name in model_names:
+        if name not in _installed:
+            register_train_spec(name, wrap_train_spec(get_train_spec(name), name))
+            _installed.add(name)
+
+
+_installed: set[str] = set()
+
+
+def _optional_group(parallel_dims, name: str):
+    """The process group of a mesh dimension, or None when that parallelism is off. (A degree-1 dimension can
+    still hand out a group spanning other ranks, so the degree decides, and the group must match it.)"""
+    degree = {"loss": parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp, "tp": parallel_dims.tp}[name]
+    if degree == 1:
+        return None
+    group = parallel_dims.get_mesh(name).get_group()
+    if torch.distributed.get_world_size(group) != degree:
+        raise RuntimeError(f"nerve: mesh {name!r} has a group of {torch.distributed.get_world_size(group)} ranks, expected {degree}")
+    return group
+
+
+def _metrics_rank(parallel_dims, job_config) -> int:
+    # The rank whose TensorBoard run holds the loss: torchtitan logs from the first rank of the last pipeline
+    # stage, or rank 0 (also for the ZBVZeroBubble schedule, which returns the loss on rank 0).
+    if not parallel_dims.pp_enabled or job_config.parallelism.pipeline_parallel_schedule == "ZBVZeroBubble":
+        return 0
+    return (parallel_dims.world_size // parallel_dims.pp) * (parallel_dims.pp - 1)

@@ -1,0 +1,112 @@
+"""Where NerVE records go: TensorBoard (scalars, a custom-scalars layout, a spectrum picture) and JSONL."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .monitor import LayerRecord
+from .taps import TAPS
+
+METRICS = ("spectral_entropy", "participation_ratio", "eee")
+METRIC_TITLES = {"spectral_entropy": "Spectral entropy", "participation_ratio": "Participation ratio", "eee": "EEE"}
+
+
+def scalar_tag(metric: str, tap: str | None, layer: int) -> str:
+    # Zero-padded layer numbers keep TensorBoard's alphabetical order equal to depth order.
+    return f"nerve/{metric}/layer_{layer:03d}" if tap is None else f"nerve/{metric}_{tap}/layer_{layer:03d}"
+
+
+def record_scalars(record: LayerRecord) -> dict[str, float]:
+    out = {}
+    for tap in TAPS:
+        result = getattr(record, tap)
+        if result is not None:
+            for metric in METRICS:
+                out[scalar_tag(metric, tap, record.layer)] = getattr(result, metric)
+    if record.js is not None:
+        out[scalar_tag("js", None, record.layer)] = record.js
+    return out
+
+
+def custom_scalars_layout(taps: Sequence[str] = TAPS) -> dict:
+    """One chart per metric and tap holding every layer, so depth trends read at a glance."""
+    charts = {}
+    for metric in METRICS:
+        for tap in taps:
+            charts[f"{METRIC_TITLES[metric]} ({tap})"] = ["Multiline", [rf"nerve/{metric}_{tap}/layer_.*"]]
+    if set(TAPS) <= set(taps):
+        charts["Jensen-Shannon divergence (pre vs post)"] = ["Multiline", [r"nerve/js/layer_.*"]]
+    return {"NerVE": charts}
+
+
+class TensorBoardWriter:
+    """Writes into an existing SummaryWriter (torchtitan's own run), so NerVE sits next to the loss."""
+
+    def __init__(self, summary_writer, taps: Sequence[str] = TAPS):
+        self.writer = summary_writer
+        self.writer.add_custom_scalars(custom_scalars_layout(taps))
+
+    def write(self, step: int, records: list[LayerRecord]) -> None:
+        for record in records:
+            for tag, value in record_scalars(record).items():
+                self.writer.add_scalar(tag, value, step)
+        if records:
+            self.writer.add_image("nerve/eigenspectrum", spectrum_picture(records), step, dataformats="HWC")
+        self.writer.flush()
+
+
+class JsonlWriter:
+    """One JSON object per (step, layer), appended and flushed at each logging step."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def write(self, step: int, records: list[LayerRecord]) -> None:
+        with open(self.path, "a") as f:
+            for record in records:
+                f.write(json.dumps(record.to_json()) + "\n")
+
+
+# -- the spectrum picture -------------------------------------------------------------------------------------
+
+PRE_COLOUR, POST_COLOUR = (31, 119, 180), (255, 127, 14)
+
+
+def spectrum_picture(records: list[LayerRecord], panel: tuple[int, int] = (220, 150)) -> np.ndarray:
+    """A grid with one log-log panel per layer: eigenvalue against rank, pre in blue, post in orange.
+
+    Returns an RGB uint8 array [H, W, 3]. Every panel shares the y range, so layers compare directly.
+    """
+    from PIL import Image, ImageDraw
+
+    spectra = [s for r in records for s in (r.pre, r.post) if s is not None]
+    floor = max(min(float(s.eigenvalues[s.eigenvalues > 1e-12].min(initial=1.0)) for s in spectra), 1e-12)
+    top = max(float(s.eigenvalues[0]) for s in spectra)
+    lo, hi = math.log10(floor), math.log10(top) if top > floor else math.log10(floor) + 1
+    columns = min(4, len(records))
+    rows = math.ceil(len(records) / columns)
+    width, height = panel
+    image = Image.new("RGB", (columns * width, rows * height + 18), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, rows * height + 4), "eigenvalue vs rank (log-log); blue: pre, orange: post", fill="black")
+    margin = 22
+    for i, record in enumerate(records):
+        x0, y0 = (i % columns) * width, (i // columns) * height
+        draw.rectangle([x0 + margin, y0 + 14, x0 + width - 6, y0 + height - 6], outline=(180, 180, 180))
+        draw.text((x0 + margin + 2, y0 + 1), f"layer {record.layer}" + (f"  JS {record.js:.3f}" if record.js is not None else ""), fill="black")
+        for result, colour in ((record.pre, PRE_COLOUR), (record.post, POST_COLOUR)):
+            if result is None:
+                continue
+            eigs = result.eigenvalues
+            d = len(eigs)
+            ranks = np.unique(np.geomspace(1, d, num=min(d, 2 * width)).round().astype(int))
+            xs = x0 + margin + (np.log10(ranks) / max(math.log10(d), 1e-9)) * (width - margin - 8)
+            ys = y0 + height - 8 - (np.log10(np.maximum(eigs[ranks - 1], floor)) - lo) / (hi - lo) * (height - 24)
+            draw.line(list(zip(xs.tolist(), ys.tolist())), fill=colour, width=2)
+    return np.asarray(image)
