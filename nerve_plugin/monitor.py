@@ -151,22 +151,23 @@ class NerveMonitor:
         return self._armed_step
 
     def begin_step(self, step: int) -> None:
-        """Call before the step's first forward; arms the taps if ``step`` is a logging step."""
-        if self._armed_step == step:
+        """Call before each of the step's forwards (calling it again for the same step keeps what was captured);
+        arms the taps if ``step`` is a logging step."""
+        if not self.config.is_log_step(step):
+            self.pause()
             return
-        if self.config.is_log_step(step):
+        if self._armed_step != step:
             for t in self.taps:
                 t.reset()
-                t.arm(step)
             self._armed_step = step
-        else:
-            self.pause()
+        for t in self.taps:
+            if t.armed_step != step:
+                t.arm(step)
 
     def pause(self) -> None:
-        """Stop capturing (for forwards that are not training, such as evaluation)."""
+        """Stop capturing until the next ``begin_step``, e.g. around forwards that are not training forwards."""
         for t in self.taps:
             t.disarm()
-        self._armed_step = None
 
     def end_step(self, step: int) -> list[LayerRecord] | None:
         """Call after the step's last backward on every rank. On a logging step: merge, solve, and return the
@@ -174,6 +175,7 @@ class NerveMonitor:
         if self._armed_step != step:
             return None
         self.pause()
+        self._armed_step = None
         start = time.perf_counter()
         results = self._solve_owned()
         records = self._gather(step, results)

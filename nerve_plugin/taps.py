@@ -157,6 +157,7 @@ class FFNTaps:
         model: nn.Module,
         spec: TapSpec,
         *,
+        taps: Iterable[str] = TAPS,
         layers: Iterable[int] | None = None,
         max_tokens_per_forward: int | None = None,
         seed: int = 0,
@@ -170,6 +171,9 @@ class FFNTaps:
         self.seed = seed
         self.accumulate_dtype = accumulate_dtype
         self.feature_group = feature_group
+        taps = tuple(taps)
+        if not taps or any(t not in TAPS for t in taps):
+            raise ValueError(f"taps must be a non-empty subset of {TAPS}, got {taps}")
         wanted = None if layers is None else set(layers)
         self._points: dict[tuple[int, str], nn.Module] = {}
         for layer, block in find_blocks(model, spec):
@@ -178,8 +182,9 @@ class FFNTaps:
             pre, post = find_module(block, spec.pre.module), find_module(block, spec.post.module)
             if pre is None or post is None:
                 continue  # e.g. an MoE block in a model whose dense blocks carry the FFN
-            self._points[(layer, "pre")] = pre
-            self._points[(layer, "post")] = post
+            for tap, module in (("pre", pre), ("post", post)):
+                if tap in taps:
+                    self._points[(layer, tap)] = module
         if not self._points and wanted is None:
             raise ValueError(
                 f"tap spec found no FFN: no block under {spec.blocks!r} has both "

@@ -1,11 +1,13 @@
 """NerVE inside torchtitan 0.2.2's Trainer, through its extension points only.
 
 ``install()`` re-registers the TrainSpecs of torchtitan's dense models under their own names (a spec registered
-under an existing name wins), so ``model.name`` stays as it was. The wrapped spec differs in three places, each
+under an existing name wins), so ``model.name`` stays as it was. The wrapped spec differs in four places, each
 of which does nothing unless ``[nerve] enable = true``:
 
 - ``parallelize_fn``: attaches the taps to the model (or to each pipeline stage) *before* torchtitan applies
   TP, activation checkpointing, compile and FSDP, so the hooks are part of what gets compiled.
+- ``pipelining_fn``: under PP, counts only the schedule's microbatch forwards (not pipelining's shape
+  inference).
 - ``build_lr_schedulers_fn``: keeps the scheduler container. Its ``last_epoch`` counts finished optimizer
   steps and is restored from checkpoints, so ``last_epoch + 1`` is torchtitan's current step in every forward:
   under gradient accumulation, across pipeline microbatches, and after a resume.
@@ -72,6 +74,8 @@ class NerveSession:
         self.monitor: NerveMonitor | None = None
         self.lr_schedulers = None
         self.writers: list = []
+        self.pipelined = False
+        self.in_pipeline_chunk = 0
 
     def _tokens_per_forward(self) -> int | None:
         budget = self.config.tokens_per_rank
@@ -98,9 +102,28 @@ class NerveSession:
             taps.attach()
         model.register_forward_pre_hook(self._begin_forward)
 
+    def watch_pipeline(self, schedule) -> None:
+        """Under PP, count only the schedule's microbatch forwards. torch.distributed.pipelining also runs each
+        stage once at its first step to infer shapes, on a real microbatch at the first stage and on
+        uninitialised tensors at the others; that forward must not reach the statistics."""
+        self.pipelined = True
+        stages = getattr(schedule, "_stages", None) or [schedule._stage]
+        for stage in stages:
+            stage.forward_one_chunk = self._counting_chunks(stage.forward_one_chunk)
+
+    def _counting_chunks(self, forward_one_chunk):
+        def wrapped(*args, **kwargs):
+            self.in_pipeline_chunk += 1
+            try:
+                return forward_one_chunk(*args, **kwargs)
+            finally:
+                self.in_pipeline_chunk -= 1
+
+        return wrapped
+
     def _begin_forward(self, module, args) -> None:
-        # Evaluation forwards run without grad and must not count.
-        if not torch.is_grad_enabled():
+        # Evaluation forwards run without grad and must not count, nor must pipeline shape inference.
+        if not torch.is_grad_enabled() or (self.pipelined and not self.in_pipeline_chunk):
             self.monitor.pause()
         elif self.lr_schedulers is not None:
             self.monitor.begin_step(self.lr_schedulers.schedulers[0].last_epoch + 1)
@@ -153,6 +176,7 @@ def current_session() -> NerveSession | None:
 def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
     original_parallelize = spec.parallelize_fn
     original_lr_schedulers = spec.build_lr_schedulers_fn
+    original_pipelining = spec.pipelining_fn
     original_metrics = spec.build_metrics_processor_fn or build_metrics_processor
 
     def build_metrics_processor_fn(job_config, parallel_dims, model_args=None, *args, **kwargs):
@@ -177,6 +201,12 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
             _session.attach(model)
         return original_parallelize(model, parallel_dims, job_config, *args, **kwargs)
 
+    def pipelining_fn(*args, **kwargs):
+        schedule, model_parts, has_first_stage, has_last_stage = original_pipelining(*args, **kwargs)
+        if _session is not None and _session.monitor is not None:
+            _session.watch_pipeline(schedule)
+        return schedule, model_parts, has_first_stage, has_last_stage
+
     def build_lr_schedulers_fn(optimizers, lr_config, training_steps, *args, **kwargs):
         schedulers = original_lr_schedulers(optimizers, lr_config, training_steps, *args, **kwargs)
         if _session is not None:
@@ -186,6 +216,7 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
     return dataclasses.replace(
         spec,
         parallelize_fn=parallelize_fn,
+        pipelining_fn=pipelining_fn if original_pipelining is not None else None,
         build_lr_schedulers_fn=build_lr_schedulers_fn,
         build_metrics_processor_fn=build_metrics_processor_fn,
     )

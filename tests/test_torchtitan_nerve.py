@@ -1,0 +1,189 @@
+"""NerVE inside torchtitan's real Trainer on CPU: 2-process torchrun runs against a 1-process reference.
+
+tt_synthetic's data is one global token stream and its weights do not depend on the parallelism, so at step 1
+every layout below sees the same tokens with the same weights as the 1-process reference: the metrics must agree
+to 1e-5 relative. (Later steps differ by the rounding of gradient reductions, so only step 1 is compared.)
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from torchtitan_harness import base_config, merge, read_metrics, run_torchtitan
+
+GLOBAL_BATCH = 4  # sequences per step, whatever the layout
+N_LAYERS = 6  # debugmodel
+SEQ_LEN = 64
+
+
+def nerve_config(tmp_path, overrides=None, nerve=None):
+    cfg = merge(
+        base_config(tmp_path),
+        {
+            "experimental": {"custom_import": "tt_nerve"},
+            "job": {"custom_config_module": "nerve_plugin.torchtitan.config"},
+            "model": {"name": "nerve_test_llama3_nerve"},
+            "training": {"local_batch_size": GLOBAL_BATCH, "steps": 2},
+            "nerve": {"enable": True, "log_freq": 1, **(nerve or {})},
+        },
+    )
+    return merge(cfg, overrides or {})
+
+
+def read_nerve(cfg) -> dict[int, dict[int, dict]]:
+    """{step: {layer: record}} from the run's JSONL."""
+    out: dict[int, dict[int, dict]] = {}
+    path = Path(cfg["job"]["dump_folder"]) / "nerve" / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        out.setdefault(record["step"], {})[record["layer"]] = record
+    return out
+
+
+def assert_metrics_close(got: dict, want: dict, rel=1e-5):
+    assert sorted(got) == sorted(want) == list(range(N_LAYERS))
+    for layer in want:
+        for tap in ("pre", "post"):
+            g, w = got[layer][tap], want[layer][tap]
+            assert g["tokens"] == w["tokens"], (layer, tap)
+            for metric in ("spectral_entropy", "participation_ratio", "eee"):
+                assert g[metric] == pytest.approx(w[metric], rel=rel), (layer, tap, metric)
+        assert got[layer]["js"] == pytest.approx(want[layer]["js"], rel=rel, abs=1e-9), layer
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = nerve_config(tmp)
+    run_torchtitan(tmp, cfg, nproc=1)
+    return read_nerve(cfg)
+
+
+def test_reference_covers_every_layer_with_every_token(reference):
+    assert sorted(reference) == [1, 2]
+    for step in (1, 2):
+        assert sorted(reference[step]) == list(range(N_LAYERS))
+        for record in reference[step].values():
+            for tap in ("pre", "post"):
+                assert record[tap]["tokens"] == GLOBAL_BATCH * SEQ_LEN
+                assert 0 <= record[tap]["spectral_entropy"] <= math.log(record[tap]["dim"])
+                assert 1 <= record[tap]["participation_ratio"] <= record[tap]["dim"]
+                assert 0 <= record[tap]["eee"] <= 1
+            assert 0 <= record["js"] <= math.log(2)
+
+
+LAYOUTS = {
+    "fsdp": {"training": {"local_batch_size": GLOBAL_BATCH // 2}, "parallelism": {"data_parallel_shard_degree": 2}},
+    "tp": {"parallelism": {"data_parallel_shard_degree": 1, "tensor_parallel_degree": 2}},
+    "pp": {
+        "parallelism": {
+            "data_parallel_shard_degree": 1,
+            "pipeline_parallel_degree": 2,
+            "pipeline_parallel_schedule": "1F1B",
+            "pipeline_parallel_microbatch_size": 1,
+        }
+    },
+    "fsdp_ac_full": {
+        "training": {"local_batch_size": GLOBAL_BATCH // 2},
+        "parallelism": {"data_parallel_shard_degree": 2},
+        "activation_checkpoint": {"mode": "full"},
+    },
+    "fsdp_compile": {
+        "training": {"local_batch_size": GLOBAL_BATCH // 2},
+        "parallelism": {"data_parallel_shard_degree": 2},
+        "compile": {"enable": True, "backend": "aot_eager"},
+    },
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_parallel_layouts_match_one_process(layout, reference, tmp_path):
+    cfg = nerve_config(tmp_path, LAYOUTS[layout], nerve={"eigen_solve": "spread" if layout == "fsdp" else "rank0"})
+    run_torchtitan(tmp_path, cfg, nproc=2)
+    got = read_nerve(cfg)
+    assert sorted(got) == [1, 2]
+    assert_metrics_close(got[1], reference[1])
+
+
+def test_gradient_accumulation_counts_every_microbatch(reference, tmp_path):
+    # Two micro-batches of 2 sequences make the reference's step of 4.
+    cfg = nerve_config(tmp_path, {"training": {"local_batch_size": GLOBAL_BATCH // 2, "global_batch_size": GLOBAL_BATCH}})
+    run_torchtitan(tmp_path, cfg, nproc=1)
+    assert_metrics_close(read_nerve(cfg)[1], reference[1])
+
+
+def test_training_is_bitwise_unchanged_and_metrics_reach_torchtitans_event_file(tmp_path):
+    steps = 5
+    on = nerve_config(tmp_path / "on", {
+        "training": {"local_batch_size": GLOBAL_BATCH // 2, "steps": steps},
+        "parallelism": {"data_parallel_shard_degree": 2},
+        "metrics": {"enable_tensorboard": True},
+    })
+    off = merge(on, {"job": {"dump_folder": str(tmp_path / "off" / "outputs")}, "nerve": {"enable": False}})
+    run_torchtitan(tmp_path / "on", on, nproc=2)
+    run_torchtitan(tmp_path / "off", off, nproc=2)
+    metrics_on, metrics_off = read_metrics(on), read_metrics(off)
+    assert [m["step"] for m in metrics_on[0]] == list(range(1, steps + 1))
+    # float repr round-trips exactly: equal means bitwise equal loss and grad norm at every step.
+    assert metrics_on == metrics_off
+    assert not (Path(off["job"]["dump_folder"]) / "nerve").exists()
+
+    tags, plugins = event_file_tags(on)
+    assert "loss_metrics/global_avg_loss" in tags  # the very run that holds the loss
+    for layer in range(N_LAYERS):
+        for metric in ("spectral_entropy", "participation_ratio", "eee"):
+            for tap in ("pre", "post"):
+                assert tags[f"nerve/{metric}_{tap}/layer_{layer:03d}"] == steps
+        assert tags[f"nerve/js/layer_{layer:03d}"] == steps
+    assert tags["nerve/eigenspectrum"] == steps
+    assert "custom_scalars" in plugins
+
+
+def event_file_tags(cfg):
+    """{tag: number of points} and the plugin names found in the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted(Path(cfg["job"]["dump_folder"]).glob("tb/*/events.out.tfevents.*"))
+    assert len(files) == 1, files
+    tags, plugins = {}, set()
+    for event in EventFileLoader(str(files[0])).Load():
+        for value in event.summary.value:
+            tags[value.tag] = tags.get(value.tag, 0) + 1
+            if value.metadata.plugin_data.plugin_name:
+                plugins.add(value.metadata.plugin_data.plugin_name)
+    return tags, plugins
+
+
+def test_resume_logs_at_the_same_steps(tmp_path):
+    overrides = {"training": {"steps": 5}, "checkpoint": {"enable": True, "interval": 2, "last_save_model_only": False}}
+    full = nerve_config(tmp_path / "full", overrides, nerve={"log_freq": 4})
+    run_torchtitan(tmp_path / "full", full, nproc=1)
+    assert sorted(read_nerve(full)) == [1, 4]
+
+    # A second job resumes from the first one's step-2 checkpoint: it must log step 4 (not its own second
+    # step) and measure exactly what the uninterrupted run measured there.
+    resumed = nerve_config(tmp_path / "resumed", overrides, nerve={"log_freq": 4})
+    source = Path(full["job"]["dump_folder"]) / "checkpoint" / "step-2"
+    shutil.copytree(source, Path(resumed["job"]["dump_folder"]) / "checkpoint" / "step-2")
+    run_torchtitan(tmp_path / "resumed", resumed, nproc=1)
+    records = read_nerve(resumed)
+    assert sorted(records) == [4]
+    assert_metrics_close(records[4], read_nerve(full)[4], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("log_freq", 0, "[nerve] log_freq = 0 is not allowed: expected an integer >= 1"),
+        ("eigen_solve", "gpu", "[nerve] eigen_solve = 'gpu' is not allowed: expected one of 'rank0', 'spread'"),
+        ("taps", ["pre", "middle"], "[nerve] taps = ['pre', 'middle'] is not allowed"),
+    ],
+)
+def test_bad_nerve_values_stop_the_run_at_start_up(tmp_path, key, value, message):
+    cfg = nerve_config(tmp_path, nerve={key: value})
+    proc = run_torchtitan(tmp_path, cfg, nproc=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stdout
+    assert "step:" not in proc.stdout  # stopped before training
