@@ -94,11 +94,19 @@ def spectrum_picture(records: list[LayerRecord], panel: tuple[int, int] = (220, 
     width, height = panel
     image = Image.new("RGB", (columns * width, rows * height + 18), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((4, rows * height + 4), "eigenvalue vs rank (log-log); blue: pre, orange: post", fill="black")
+    draw.text(
+        (4, rows * height + 4),
+        f"eigenvalue vs rank, log-log, y from 1e{lo:.0f} to 1e{hi:.0f} in every panel; blue: pre, orange: post",
+        fill="black",
+    )
     margin = 22
     for i, record in enumerate(records):
         x0, y0 = (i % columns) * width, (i // columns) * height
         draw.rectangle([x0 + margin, y0 + 14, x0 + width - 6, y0 + height - 6], outline=(180, 180, 180))
+        draw.text((x0 + 2, y0 + 14), f"{hi:.0f}", fill="gray")
+        draw.text((x0 + 2, y0 + height - 18), f"{lo:.0f}", fill="gray")
+        dims = [len(t.eigenvalues) for t in (record.pre, record.post) if t is not None]
+        draw.text((x0 + width - 40, y0 + height - 20), f"D={max(dims)}", fill="gray")
         draw.text((x0 + margin + 2, y0 + 1), f"layer {record.layer}" + (f"  JS {record.js:.3f}" if record.js is not None else ""), fill="black")
         for result, colour in ((record.pre, PRE_COLOUR), (record.post, POST_COLOUR)):
             if result is None:

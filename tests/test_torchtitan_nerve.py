@@ -187,3 +187,25 @@ def test_bad_nerve_values_stop_the_run_at_start_up(tmp_path, key, value, message
     assert proc.returncode != 0
     assert message in proc.stdout
     assert "step:" not in proc.stdout  # stopped before training
+
+
+def test_disabled_nerve_registers_no_hook_and_changes_no_builder():
+    import torch
+    from torchtitan.config import ConfigManager
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.models.llama3 import Transformer, llama3_args
+
+    import nerve_plugin.torchtitan  # noqa: F401  (registers the wrapped specs)
+    from nerve_plugin.torchtitan import integration
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    job_config = ConfigManager().parse_args(["--job.custom_config_module", "nerve_plugin.torchtitan.config"])
+    assert job_config.nerve.enable is False
+    spec = get_train_spec("llama3")
+    dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    with torch.device("meta"):
+        model = Transformer(llama3_args["debugmodel"])
+    processor_before = integration.current_session()
+    spec.parallelize_fn(model, dims, job_config)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert integration.current_session() is processor_before

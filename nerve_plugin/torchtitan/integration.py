@@ -11,9 +11,12 @@ of which does nothing unless ``[nerve] enable = true``:
 - ``build_lr_schedulers_fn``: keeps the scheduler container. Its ``last_epoch`` counts finished optimizer
   steps and is restored from checkpoints, so ``last_epoch + 1`` is torchtitan's current step in every forward:
   under gradient accumulation, across pipeline microbatches, and after a resume.
-- ``build_metrics_processor_fn``: a MetricsProcessor whose ``should_log(step)``, which the Trainer calls on
+- ``build_metrics_processor_fn``: the MetricsProcessor whose ``should_log(step)``, which the Trainer calls on
   every rank after every optimizer step, ends the step: on a logging step it merges, solves, and writes into
   torchtitan's own TensorBoard run and a JSONL file.
+
+Two data choices ride along, independent of NerVE: ``training.dataset = "python_stdlib"`` selects nerve's
+offline corpus and vocabulary, and tiktoken-format tokenizer files are read by nerve's tokenizer.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from torchtitan.tools.logging import logger
 
 from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups
 from nerve_plugin.taps import BUILTIN_SPECS
+from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
+from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
 from nerve_plugin.writers import JsonlWriter, TensorBoardWriter
 
 WRAPPED_MODELS = ("llama3", "llama4", "qwen3")
+CORPUS_DATASET = "python_stdlib"  # training.dataset naming nerve's offline corpus (see corpus.py)
 
 
 def nerve_config(job_config):
@@ -177,6 +183,8 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
     original_parallelize = spec.parallelize_fn
     original_lr_schedulers = spec.build_lr_schedulers_fn
     original_pipelining = spec.pipelining_fn
+    original_tokenizer = spec.build_tokenizer_fn
+    original_dataloader = spec.build_dataloader_fn
     original_metrics = spec.build_metrics_processor_fn or build_metrics_processor
 
     def build_metrics_processor_fn(job_config, parallel_dims, model_args=None, *args, **kwargs):
@@ -213,8 +221,20 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
             _session.lr_schedulers = schedulers
         return schedulers
 
+    def build_tokenizer_fn(job_config):
+        if uses_tiktoken_assets(job_config):
+            return build_tiktoken_tokenizer(job_config)
+        return original_tokenizer(job_config) if original_tokenizer is not None else None
+
+    def build_dataloader_fn(dp_world_size, dp_rank, tokenizer, job_config, *args, **kwargs):
+        if job_config.training.dataset == CORPUS_DATASET:
+            return build_corpus_dataloader(dp_world_size, dp_rank, tokenizer, job_config)
+        return original_dataloader(dp_world_size, dp_rank, tokenizer, job_config, *args, **kwargs)
+
     return dataclasses.replace(
         spec,
+        build_tokenizer_fn=build_tokenizer_fn,
+        build_dataloader_fn=build_dataloader_fn,
         parallelize_fn=parallelize_fn,
         pipelining_fn=pipelining_fn if original_pipelining is not None else None,
         build_lr_schedulers_fn=build_lr_schedulers_fn,
@@ -232,6 +252,17 @@ def install(model_names=WRAPPED_MODELS) -> None:
 
 
 _installed: set[str] = set()
+
+
+def uses_tiktoken_assets(job_config) -> bool:
+    """nerve's offline corpus comes with nerve's vocabulary; a tiktoken file (a Llama-3 ``tokenizer.model``,
+    a ``*.tiktoken``) without a ``tokenizer.json`` beside it is read by nerve's tiktoken tokenizer. Everything
+    else goes to torchtitan's own HuggingFace tokenizer, as before."""
+    if job_config.training.dataset == CORPUS_DATASET:
+        return True
+    path = job_config.model.hf_assets_path
+    has_tokenizer_json = os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
+    return find_tokenizer_file(path) is not None and not has_tokenizer_json
 
 
 def _optional_group(parallel_dims, name: str):
