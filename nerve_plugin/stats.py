@@ -7,9 +7,9 @@ states merge exactly by the parallel formula of Chan, Golub & LeVeque (1979):
     mu = mu_a + delta * n_b / n                      with delta = mu_b - mu_a
     M2 = M2_a + M2_b + delta delta^T * n_a * n_b / n
 
-A micro-batch is folded in as a state of its own. Its rows are first shifted by the running mean (rounded to
-the Gram's dtype), so that the Gram product sees small, centred numbers: activations whose mean is much larger
-than their spread would otherwise lose their covariance to cancellation in X^T X - n mu mu^T.
+A micro-batch is folded in as a state of its own. Features whose mean dominates their spread are first shifted
+by the running mean (rounded to the Gram's dtype), so that the Gram product sees small, centred numbers: such
+activations would otherwise lose their covariance to cancellation in X^T X - n mu mu^T.
 
 Across ranks, the states merge with the k-way form of the same formula: every rank adds its
 M2_r + n_r (mu_r - mu)(mu_r - mu)^T for the global mean mu, and one sum-reduction of those terms is the result.
@@ -59,12 +59,11 @@ class CovarianceStats:
         if n_b == 0:
             return
         gram_dtype = self._gram_dtype(rows)
-        shift_source = self.mean if self.count else rows.to(torch.float64).mean(dim=0)
-        # The shift is exactly the value subtracted, so it may be any rounding of the mean: the batch's own
-        # mean offset is measured below and carried in float64.
-        # Subtract in the wider of the two dtypes, then round only the small centred values to the Gram dtype.
+        # Subtract in the wider of the two dtypes, then round only the centred values to the Gram dtype. The
+        # shift is exactly the value subtracted, so it may be any rounding of the mean: the batch's own mean
+        # offset is measured below and carried in float64.
         work_dtype = torch.promote_types(rows.dtype, gram_dtype)
-        shift = shift_source.to(work_dtype)
+        shift = self._shift(rows).to(work_dtype)
         shifted = (rows.to(work_dtype) - shift).to(gram_dtype)
         offset = shifted.sum(dim=0, dtype=torch.float64) / n_b
         gram = self._gram(shifted)
@@ -96,6 +95,21 @@ class CovarianceStats:
         self.mean.add_(delta * (n_b / n))
         self.count = n
         return self
+
+    def _shift(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per feature, the (estimated) mean where it dominates the spread, else 0.
+
+        Where |mean| > 2 std, raw sums would lose the covariance to cancellation, and subtracting the rounded
+        mean is nearly exact (x and the shift are close, Sterbenz). Elsewhere the raw values are better: they
+        are exact in their own dtype, a shifted bf16 value is not, and cancellation costs at most ~5 eps of
+        the Gram's accumulation.
+        """
+        if self.count:
+            mean, var = self.mean, torch.diagonal(self.m2).to(torch.float64) / max(self.count - 1, 1)
+        else:
+            wide = rows.to(torch.float64)
+            mean, var = wide.mean(dim=0), wide.var(dim=0, correction=0)
+        return torch.where(mean.square() > 4 * var, mean, torch.zeros_like(mean))
 
     def covariance(self) -> torch.Tensor:
         """The unbiased covariance M2 / (n - 1), float64."""

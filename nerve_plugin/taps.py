@@ -103,6 +103,7 @@ def find_blocks(model: nn.Module, spec: TapSpec) -> list[tuple[int, nn.Module]]:
 
 _slot_ids = itertools.count()
 _slots: dict[int, tuple["FFNTaps", int, str]] = {}
+_armed: set["FFNTaps"] = set()  # lets a disarmed eager hook return before touching its slot tensor
 
 
 @torch.library.custom_op("nerve::capture", mutates_args=("slot",))
@@ -128,7 +129,7 @@ def _send(activation, slot: torch.Tensor) -> None:
         activation = activation.to_local()
     if torch.compiler.is_compiling():
         torch.ops.nerve.capture(activation, slot)
-    else:
+    elif _armed:
         _deliver(activation, slot)  # eager: skip the op's dispatch, same code
 
 
@@ -224,6 +225,7 @@ class FFNTaps:
             capture = (self.spec.pre if tap == "pre" else self.spec.post).capture
             if hasattr(module, _SLOT_ATTR[capture]):
                 delattr(module, _SLOT_ATTR[capture])
+        self.disarm()
         for slot in self._slot_ids:
             _slots.pop(slot, None)
         self._handles.clear()
@@ -237,9 +239,11 @@ class FFNTaps:
         """Start capturing for ``step``: statistics gathered from now on belong to it."""
         self._armed_step = step
         self._forward_ordinal.clear()
+        _armed.add(self)
 
     def disarm(self) -> None:
         self._armed_step = None
+        _armed.discard(self)
 
     @property
     def armed_step(self) -> int | None:
