@@ -7,9 +7,10 @@ states merge exactly by the parallel formula of Chan, Golub & LeVeque (1979):
     mu = mu_a + delta * n_b / n                      with delta = mu_b - mu_a
     M2 = M2_a + M2_b + delta delta^T * n_a * n_b / n
 
-A micro-batch is folded in as a state of its own. Features whose mean dominates their spread are first shifted
-by the running mean (rounded to the Gram's dtype), so that the Gram product sees small, centred numbers: such
-activations would otherwise lose their covariance to cancellation in X^T X - n mu mu^T.
+A micro-batch is folded in as a state of its own. Its rows are first shifted by the running mean (rounded to
+the Gram's dtype; for bf16/fp16 Grams only features whose mean dominates, see ``_shift``), so that the Gram
+product sees small, centred numbers: activations whose mean is much larger than their spread would otherwise
+lose their covariance to cancellation in X^T X - n mu mu^T.
 
 Across ranks, the states merge with the k-way form of the same formula: every rank adds its
 M2_r + n_r (mu_r - mu)(mu_r - mu)^T for the global mean mu, and one sum-reduction of those terms is the result.
@@ -63,7 +64,7 @@ class CovarianceStats:
         # shift is exactly the value subtracted, so it may be any rounding of the mean: the batch's own mean
         # offset is measured below and carried in float64.
         work_dtype = torch.promote_types(rows.dtype, gram_dtype)
-        shift = self._shift(rows).to(work_dtype)
+        shift = self._shift(rows, gram_dtype).to(work_dtype)
         shifted = (rows.to(work_dtype) - shift).to(gram_dtype)
         offset = shifted.sum(dim=0, dtype=torch.float64) / n_b
         gram = self._gram(shifted)
@@ -96,20 +97,26 @@ class CovarianceStats:
         self.count = n
         return self
 
-    def _shift(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per feature, the (estimated) mean where it dominates the spread, else 0.
+    def _shift(self, rows: torch.Tensor, gram_dtype: torch.dtype) -> torch.Tensor:
+        """What to subtract from each feature before the Gram product.
 
-        Where |mean| > 2 std, raw sums would lose the covariance to cancellation, and subtracting the rounded
-        mean is nearly exact (x and the shift are close, Sterbenz). Elsewhere the raw values are better: they
-        are exact in their own dtype, a shifted bf16 value is not, and cancellation costs at most ~5 eps of
-        the Gram's accumulation.
+        fp32/fp64 Grams: the (estimated) mean. Raw sums would lose the covariance to cancellation in
+        X^T X - n mu mu^T as the mean grows; the shifted values cost one rounding of a small number.
+        bf16/fp16 Grams: the mean only where it exceeds 8 standard deviations, else 0. A shifted bf16 value is
+        exact only when x and the shift are within a factor of 2 (Sterbenz), which holds for nearly every row
+        there; elsewhere the raw values are exact and cancellation costs at most ~65 eps of fp32 accumulation.
         """
         if self.count:
-            mean, var = self.mean, torch.diagonal(self.m2).to(torch.float64) / max(self.count - 1, 1)
+            mean = self.mean
         else:
-            wide = rows.to(torch.float64)
-            mean, var = wide.mean(dim=0), wide.var(dim=0, correction=0)
-        return torch.where(mean.square() > 4 * var, mean, torch.zeros_like(mean))
+            mean = rows.to(torch.float64).mean(dim=0)
+        if gram_dtype not in _LOW_PRECISION:
+            return mean
+        if self.count:
+            var = torch.diagonal(self.m2).to(torch.float64) / max(self.count - 1, 1)
+        else:
+            var = rows.to(torch.float64).var(dim=0, correction=0)
+        return torch.where(mean.square() > 64 * var, mean, torch.zeros_like(mean))
 
     def covariance(self) -> torch.Tensor:
         """The unbiased covariance M2 / (n - 1), float64."""

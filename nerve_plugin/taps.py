@@ -14,7 +14,10 @@ Why the hooks look the way they do (torch.compile with fullgraph=True, as torcht
 - The hook calls the opaque custom op ``nerve::capture``, so the graph holds one call and our Python runs at
   run time, not at trace time (capture-to-dict hooks cannot be traced under fullgraph, pytorch#173452). The
   op declares that it mutates the slot, which keeps the compiler from dropping it as dead code.
-- Whether a step is logged is decided inside the op at run time, so arming never triggers a recompile.
+- Whether anything is armed is a module-level bool that dynamo guards on: steps that do not log run a graph
+  without any capture (nothing to pay), logging steps a second graph. Both are shared by all blocks, so the
+  taps add exactly one graph to a model, whatever its depth; which layers and step are captured is decided
+  inside the op at run time.
 - Activation checkpointing re-runs forwards inside the backward pass: the op skips calls made there.
 Hooks must be attached before the blocks are compiled: hooks added afterwards are ignored (pytorch#117758).
 """
@@ -103,7 +106,9 @@ def find_blocks(model: nn.Module, spec: TapSpec) -> list[tuple[int, nn.Module]]:
 
 _slot_ids = itertools.count()
 _slots: dict[int, tuple["FFNTaps", int, str]] = {}
-_armed: set["FFNTaps"] = set()  # lets a disarmed eager hook return before touching its slot tensor
+_armed: set["FFNTaps"] = set()
+# bool(_armed), as a plain global: compiled graphs specialise on it (see _send).
+_capturing = False
 
 
 @torch.library.custom_op("nerve::capture", mutates_args=("slot",))
@@ -127,10 +132,20 @@ def _deliver(activation: torch.Tensor, slot: torch.Tensor) -> None:
 def _send(activation, slot: torch.Tensor) -> None:
     if isinstance(activation, torch.distributed.tensor.DTensor):
         activation = activation.to_local()
+    # Under compile, dynamo guards on this global: the graph of steps that do not log holds no capture at
+    # all, and logging steps run a second graph, shared by every block and compiled once.
+    if not _capturing:
+        return
     if torch.compiler.is_compiling():
         torch.ops.nerve.capture(activation, slot)
-    elif _armed:
+    else:
         _deliver(activation, slot)  # eager: skip the op's dispatch, same code
+
+
+def _set_armed(taps: "FFNTaps", armed: bool) -> None:
+    global _capturing
+    (_armed.add if armed else _armed.discard)(taps)
+    _capturing = bool(_armed)
 
 
 def _output_hook(module, args, output):
@@ -239,11 +254,11 @@ class FFNTaps:
         """Start capturing for ``step``: statistics gathered from now on belong to it."""
         self._armed_step = step
         self._forward_ordinal.clear()
-        _armed.add(self)
+        _set_armed(self, True)
 
     def disarm(self) -> None:
         self._armed_step = None
-        _armed.discard(self)
+        _set_armed(self, False)
 
     @property
     def armed_step(self) -> int | None:

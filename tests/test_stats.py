@@ -147,16 +147,19 @@ def test_two_rank_gloo_merge_equals_one_process(accumulate_dtype):
     mp.spawn(_gloo_worker, args=(_free_port(), accumulate_dtype), nprocs=2, join=True)
 
 
-def test_shift_only_where_the_mean_dominates():
-    # Features 0-3 have a mean 50x their spread, 4-7 a mean below it: only the first are shifted, so that
-    # bf16 activations near zero keep their exact values in the Gram (a shifted bf16 value is rounded).
+def test_shift_rule():
+    # Features 0-3 have a mean 50x their spread, 4-7 a mean of half of it.
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(500, 8, generator=gen, dtype=torch.float64)
     rows[:, :4] += 50.0
     rows[:, 4:] += 0.5
     stats = CovarianceStats(8)
-    first = stats._shift(rows)
-    assert torch.all(first[:4] == rows[:, :4].mean(0)) and torch.all(first[4:] == 0)
+    # fp32/fp64 Grams: always the mean (batch mean first, running mean after).
+    assert torch.equal(stats._shift(rows, torch.float64), rows.mean(0))
+    # bf16 Grams: only where the mean dominates, so that values near zero stay exact in the Gram.
+    first = stats._shift(rows, torch.bfloat16)
+    assert torch.equal(first[:4], rows[:, :4].mean(0)) and torch.all(first[4:] == 0)
     stats.update(rows)
-    later = stats._shift(rows)
-    assert torch.allclose(later[:4], stats.mean[:4]) and torch.all(later[4:] == 0)
+    assert torch.equal(stats._shift(rows, torch.float32), stats.mean)
+    later = stats._shift(rows, torch.bfloat16)
+    assert torch.equal(later[:4], stats.mean[:4]) and torch.all(later[4:] == 0)

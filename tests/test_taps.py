@@ -298,14 +298,15 @@ def compiled_run(ac_mode, tokens_list, steps=(1, 2, 3)):
 
 
 @pytest.mark.parametrize("ac_mode", [None, "full", "selective"])
-def test_compiled_blocks_capture_exactly_and_never_recompile(ac_mode):
+def test_compiled_blocks_capture_exactly_with_one_extra_graph(ac_mode):
     gen = torch.Generator().manual_seed(5)
     tokens_list = [torch.randint(0, 256, (2, 32), generator=gen) for _ in range(2)]
     reference = raw_ffn_rows(torchtitan_llama3(None), tokens_list)
-    taps, graphs, recompiles = compiled_run(ac_mode, tokens_list)
-    # Three blocks share one graph across three steps with arming toggled: no per-layer or per-step
-    # recompile (one graph is what the same blocks compile to without taps).
-    assert (graphs, recompiles) == (1, 0)
+    taps, graphs, recompiles = compiled_run(ac_mode, tokens_list, steps=(1, 2, 3, 4, 5))
+    # Three blocks, five steps, arming toggled at every step: at most one graph with the captures (logging
+    # steps) and one without (the others), each shared by every block. A per-layer or per-step recompile
+    # would make 3 or more. (Without taps the same blocks compile to one graph.)
+    assert graphs <= 2 and recompiles <= 1, (graphs, recompiles)
     for key, rows in reference.items():
         assert taps.stats[key].count == 2 * 2 * 32, key
         ref = compute_covariance(rows)
