@@ -209,3 +209,15 @@ def test_disabled_nerve_registers_no_hook_and_changes_no_builder():
     spec.parallelize_fn(model, dims, job_config)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
     assert integration.current_session() is processor_before
+
+
+def test_model_without_a_tap_spec_is_refused_at_start_up():
+    from torchtitan.config import ConfigManager
+
+    from nerve_plugin.torchtitan.integration import NerveSession
+
+    job_config = ConfigManager().parse_args(
+        ["--job.custom_config_module", "nerve_plugin.torchtitan.config", "--nerve.enable", "--model.name", "deepseek_v3"]
+    )
+    with pytest.raises(ValueError, match="no tap spec for model.name = 'deepseek_v3': set \\[nerve\\] spec"):
+        NerveSession(job_config, parallel_dims=None, model_name="deepseek_v3")

@@ -1,6 +1,6 @@
 """NerVE inside torchtitan 0.2.2's Trainer, through its extension points only.
 
-``install()`` re-registers the TrainSpecs of torchtitan's dense models under their own names (a spec registered
+``install()`` re-registers the TrainSpecs of torchtitan's models under their own names (a spec registered
 under an existing name wins), so ``model.name`` stays as it was. The wrapped spec differs in four places, each
 of which does nothing unless ``[nerve] enable = true``:
 
@@ -36,7 +36,6 @@ from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
 from nerve_plugin.writers import JsonlWriter, TensorBoardWriter
 
-WRAPPED_MODELS = ("llama3", "llama4", "qwen3")
 CORPUS_DATASET = "python_stdlib"  # training.dataset naming nerve's offline corpus (see corpus.py)
 
 
@@ -60,8 +59,8 @@ class NerveSession:
         spec_name = model_name if self.config.spec == "auto" else self.config.spec
         if spec_name not in BUILTIN_SPECS:
             raise ValueError(
-                f"[nerve] spec = 'auto' has no tap spec for model.name = {model_name!r}; "
-                f"set [nerve] spec to one of {sorted(BUILTIN_SPECS)}"
+                f"[nerve] spec = 'auto' has no tap spec for model.name = {model_name!r}: set [nerve] spec to "
+                f"one of {sorted(BUILTIN_SPECS)} if its blocks have the same FFN layout, or turn [nerve] off"
             )
         self.spec = BUILTIN_SPECS[spec_name]
         self.monitor_config = MonitorConfig(
@@ -242,13 +241,19 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
     )
 
 
-def install(model_names=WRAPPED_MODELS) -> None:
-    """Register the wrapped specs (idempotent)."""
-    global _installed
-    for name in model_names:
-        if name not in _installed:
-            register_train_spec(name, wrap_train_spec(get_train_spec(name), name))
-            _installed.add(name)
+def install() -> None:
+    """Register the wrapped spec of every torchtitan model (idempotent). Models without a tap spec are wrapped
+    too, so that ``[nerve] enable = true`` on them stops at start-up with a clear error rather than measuring
+    nothing."""
+    from torchtitan.models import _supported_models
+
+    for name in sorted(_supported_models - _installed):
+        try:
+            spec = get_train_spec(name)
+        except ImportError:  # a model whose optional dependencies are missing (flux needs transformers)
+            continue
+        register_train_spec(name, wrap_train_spec(spec, name))
+        _installed.add(name)
 
 
 _installed: set[str] = set()
