@@ -73,7 +73,10 @@ _TORCHTITAN_DENSE = TapSpec(
     pre=TapPoint("feed_forward.w1", "output"),
     post=TapPoint("feed_forward.w2", "input"),
 )
-BUILTIN_SPECS: dict[str, TapSpec] = {"llama3": _TORCHTITAN_DENSE, "llama4": _TORCHTITAN_DENSE, "qwen3": _TORCHTITAN_DENSE}
+# nerve_llama (nerve_plugin.variants) keeps these module names for gated and non-gated FFNs alike.
+BUILTIN_SPECS: dict[str, TapSpec] = {
+    name: _TORCHTITAN_DENSE for name in ("llama3", "llama4", "qwen3", "nerve_llama")
+}
 
 
 def canonical_name(name: str) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
+from nerve_plugin.variants.config import Variant
 
 OUTPUTS = ("tensorboard", "jsonl")
 SPECS = ("auto", *BUILTIN_SPECS)
@@ -78,6 +79,7 @@ class Nerve:
 @dataclass
 class JobConfig:
     nerve: Nerve = field(default_factory=Nerve)
+    variant: Variant = field(default_factory=Variant)  # options of the nerve_llama model family
 
 
 def _fail(key: str, value, allowed: str):

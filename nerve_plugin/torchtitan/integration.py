@@ -34,6 +34,8 @@ from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, Paral
 from nerve_plugin.taps import BUILTIN_SPECS
 from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
+from nerve_plugin.variants import SPEC_NAME as VARIANT_SPEC
+from nerve_plugin.variants import get_train_spec as variant_train_spec
 from nerve_plugin.writers import JsonlWriter, TensorBoardWriter
 
 CORPUS_DATASET = "python_stdlib"  # training.dataset naming nerve's offline corpus (see corpus.py)
@@ -254,6 +256,9 @@ def install() -> None:
             continue
         register_train_spec(name, wrap_train_spec(spec, name))
         _installed.add(name)
+    if VARIANT_SPEC not in _installed:  # nerve's own model family, for the paper's variants
+        register_train_spec(VARIANT_SPEC, wrap_train_spec(variant_train_spec(), VARIANT_SPEC))
+        _installed.add(VARIANT_SPEC)
 
 
 _installed: set[str] = set()
