@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
+from nerve_plugin.torchtitan.muon import Muon
 from nerve_plugin.variants.config import Variant
 
 OUTPUTS = ("tensorboard", "jsonl")
@@ -79,6 +80,7 @@ class Nerve:
 @dataclass
 class JobConfig:
     nerve: Nerve = field(default_factory=Nerve)
+    muon: Muon = field(default_factory=Muon)  # read when [optimizer] name = "Muon"
     variant: Variant = field(default_factory=Variant)  # options of the nerve_llama model family
 
 

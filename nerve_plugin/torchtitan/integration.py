@@ -15,6 +15,9 @@ of which does nothing unless ``[nerve] enable = true``:
   every rank after every optimizer step, ends the step: on a logging step it merges, solves, and writes into
   torchtitan's own TensorBoard run and a JSONL file.
 
+``build_optimizers_fn``: ``[optimizer] name = "Muon"`` builds nerve's Muon + AdamW (nerve_plugin/torchtitan/muon.py);
+every other name builds as before.
+
 Two data choices ride along, independent of NerVE: ``training.dataset = "python_stdlib"`` selects nerve's
 offline corpus and vocabulary, and tiktoken-format tokenizer files are read by nerve's tokenizer.
 """
@@ -32,6 +35,7 @@ from torchtitan.tools.logging import logger
 
 from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups
 from nerve_plugin.taps import BUILTIN_SPECS
+from nerve_plugin.torchtitan import muon
 from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
 from nerve_plugin.variants import SPEC_NAME as VARIANT_SPEC
@@ -232,7 +236,7 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
             return build_corpus_dataloader(dp_world_size, dp_rank, tokenizer, job_config)
         return original_dataloader(dp_world_size, dp_rank, tokenizer, job_config, *args, **kwargs)
 
-    return dataclasses.replace(
+    return muon.wrap_train_spec(dataclasses.replace(
         spec,
         build_tokenizer_fn=build_tokenizer_fn,
         build_dataloader_fn=build_dataloader_fn,
@@ -240,7 +244,7 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
         pipelining_fn=pipelining_fn if original_pipelining is not None else None,
         build_lr_schedulers_fn=build_lr_schedulers_fn,
         build_metrics_processor_fn=build_metrics_processor_fn,
-    )
+    ))
 
 
 def install() -> None:

@@ -1,0 +1,256 @@
+"""``[optimizer] name = "Muon"`` for torchtitan 0.2.2: Muon on the hidden matrices, AdamW on the rest.
+
+    [optimizer]
+    name = "Muon"
+    lr = 8e-4             # both kinds of group: with adjust_lr = "match_rms_adamw" one lr serves both
+    weight_decay = 0.1    # both, unless [muon] weight_decay is set
+    beta1 = 0.9           # beta1, beta2, eps, implementation: the AdamW group's, as for name = "AdamW"
+
+    [muon]
+    momentum = 0.95
+
+One ``nerve_plugin.muon.Muon`` per model part, inside an ``OptimizersContainer``: torchtitan's LR scheduler drives
+both groups, its checkpointer saves both states (per parameter, through DCP), its gradient clipping and step
+hooks see one optimizer. Under FSDP2/HSDP each matrix is orthogonalised by one owner rank (see
+``nerve_plugin/muon/optimizer.py``); PP and CP need nothing more (each stage steps its own parameters over its
+own data-parallel group); TP is refused at start-up. MoE specs keep torchtitan's expert-bias hook, and their
+grouped (3-D) expert weights go to AdamW.
+
+Two pieces plug it into a TrainSpec: ``wrap_train_spec(spec)`` (the builder, plus a hook that hands it the
+JobConfig, since torchtitan passes a builder only ``job_config.optimizer``) and the ``Muon`` dataclass as a
+``muon`` field of the custom JobConfig.
+"""
+
+# No `from __future__ import annotations`: torchtitan merges config dataclasses by their real field types.
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+import torchtitan.components.optimizer as tt_optimizer
+from torchtitan.components.optimizer import OptimizersContainer
+from torchtitan.protocols.train_spec import TrainSpec
+from torchtitan.tools.logging import logger
+
+from nerve_plugin.muon import ADJUST_LR_RULES, NS_COEFFICIENTS, NS_EPS, NS_STEPS
+from nerve_plugin.muon import Muon as MuonOptimizer
+from nerve_plugin.muon import split_params
+
+OPTIMIZER_NAME = "Muon"  # the [optimizer] name that selects it
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class MuonConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Muon:
+    """The ``[muon]`` section: read only when ``[optimizer] name = "Muon"``."""
+
+    momentum: float = 0.95
+    """Momentum of the gradient average Newton-Schulz orthogonalises."""
+
+    nesterov: bool = True
+    """Orthogonalise the Nesterov look-ahead (gradient lerped toward the momentum) instead of the momentum."""
+
+    ns_steps: int = NS_STEPS
+    """Newton-Schulz iterations (bf16)."""
+
+    ns_coefficients: list[float] = field(default_factory=lambda: list(NS_COEFFICIENTS))
+    """(a, b, c) of the quintic Newton-Schulz polynomial a X + b (X X^T) X + c (X X^T)^2 X."""
+
+    eps: float = NS_EPS
+    """Floor of the Frobenius norm Newton-Schulz divides by."""
+
+    adjust_lr: str = "match_rms_adamw"
+    """Per-matrix lr: "match_rms_adamw" (lr x 0.2 sqrt(max(rows, cols)): the update's RMS matches AdamW's, so
+    [optimizer] lr and weight_decay carry over) or "original" (lr x sqrt(max(1, rows/cols)); needs a Muon-sized
+    lr, e.g. [muon] lr = 0.02)."""
+
+    lr: float | None = None
+    """The Muon group's lr before the per-matrix adjustment; unset: [optimizer] lr. The LR schedule scales it."""
+
+    weight_decay: float | None = None
+    """Decoupled weight decay of the Muon group (multiplied by its lr, not the adjusted one, as in
+    torch.optim.Muon); unset: [optimizer] weight_decay, the Moonshot recipe "match_rms_adamw" is made for."""
+
+    muon_params: list[str] = field(default_factory=list)
+    """fnmatch patterns over parameter names: the matching parameters (each must be 2-D) get Muon, the others
+    AdamW. Empty: every 2-D parameter except embeddings and the output head ("output", "lm_head")."""
+
+    ns_dtype: str = "bfloat16"
+    """Newton-Schulz (and exchange) dtype: "bfloat16" (torch.optim.Muon's, bitwise the same results) or "float32"
+    (more accurate; faster on CPUs without bf16 matrix units)."""
+
+    bucket_mb: float = 512.0
+    """Newton-Schulz input per rank and bucket, in MiB of bf16. Each bucket costs 2 all-to-alls per step; a
+    bucket holds at most bucket_mb x (FSDP group size) MiB of matrices, at least one. 0: a single bucket."""
+
+    def __post_init__(self):
+        _check_float("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _check_type("nesterov", self.nesterov, bool)
+        _check_type("ns_steps", self.ns_steps, int)
+        if not 1 <= self.ns_steps < 100:
+            _fail("ns_steps", self.ns_steps, "an integer in [1, 99]")
+        if (
+            not isinstance(self.ns_coefficients, (list, tuple))
+            or len(self.ns_coefficients) != 3
+            or not all(_is_number(v) for v in self.ns_coefficients)
+        ):
+            _fail("ns_coefficients", self.ns_coefficients, "a list of 3 numbers [a, b, c]")
+        _check_float("eps", self.eps, "a number > 0", lambda v: v > 0)
+        if self.adjust_lr not in ADJUST_LR_RULES:
+            _fail("adjust_lr", self.adjust_lr, "one of " + ", ".join(repr(r) for r in ADJUST_LR_RULES))
+        if self.lr is not None:
+            _check_float("lr", self.lr, "a number >= 0, or unset for [optimizer] lr", lambda v: v >= 0)
+        if self.weight_decay is not None:
+            _check_float("weight_decay", self.weight_decay, "a number >= 0, or unset for [optimizer] weight_decay",
+                         lambda v: v >= 0)
+        if not isinstance(self.muon_params, list) or any(not isinstance(p, str) or not p for p in self.muon_params):
+            _fail("muon_params", self.muon_params, "a list of non-empty fnmatch patterns (empty for the default)")
+        if self.ns_dtype not in NS_DTYPES:
+            _fail("ns_dtype", self.ns_dtype, "one of " + ", ".join(repr(d) for d in NS_DTYPES))
+        _check_float("bucket_mb", self.bucket_mb, "a number >= 0 (0: one bucket)", lambda v: v >= 0)
+
+
+def _fail(key: str, value, allowed: str):
+    raise MuonConfigError(f"[muon] {key} = {value!r} is not allowed: expected {allowed}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_type(key: str, value, kind: type):
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        _fail(key, value, f"a value of type {kind.__name__}")
+
+
+def _check_float(key: str, value, allowed: str, ok):
+    if not _is_number(value) or not ok(value):
+        _fail(key, value, allowed)
+
+
+# -- the optimizers ---------------------------------------------------------------------------------------------------
+
+
+class MuonOptimizersContainer(OptimizersContainer):
+    """torchtitan's container holding one ``nerve_plugin.muon.Muon`` per model part (state_dict, load_state_dict,
+    step and zero_grad are the container's own)."""
+
+    def __init__(self, model_parts, muon_kwargs: dict, muon_params: list[str]) -> None:
+        self.model_parts = model_parts
+        self.optimizers = []
+        all_params = []
+        for model in model_parts:
+            groups = split_params(model, muon_params)
+            self.optimizers.append(MuonOptimizer(groups, **muon_kwargs))
+            all_params.extend(p for g in groups for p in g["params"])
+        self._validate_length(len(model_parts))
+        self._post_init(all_params, {"lr": muon_kwargs["lr"]})
+
+
+def build_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None, muon_config=None):
+    """The OptimizersBuilder for ``[optimizer] name = "Muon"``; ``muon_config`` is the ``[muon]`` section."""
+    muon_config = muon_config if muon_config is not None else Muon()
+    _check_parallelism(optimizer_config, parallel_dims, ft_manager)
+    implementation = optimizer_config.implementation
+    weight_decay = optimizer_config.weight_decay if muon_config.weight_decay is None else muon_config.weight_decay
+    muon_kwargs = {
+        "lr": optimizer_config.lr if muon_config.lr is None else muon_config.lr,
+        "weight_decay": weight_decay,
+        "momentum": muon_config.momentum,
+        "nesterov": muon_config.nesterov,
+        "ns_coefficients": tuple(float(c) for c in muon_config.ns_coefficients),
+        "eps": muon_config.eps,
+        "ns_steps": muon_config.ns_steps,
+        "adjust_lr_fn": muon_config.adjust_lr,
+        "bucket_mb": muon_config.bucket_mb,
+        "ns_dtype": NS_DTYPES[muon_config.ns_dtype],
+        # the AdamW group: exactly what torchtitan's own build_optimizers makes of [optimizer]
+        "adamw": {
+            "lr": optimizer_config.lr,
+            "betas": (optimizer_config.beta1, optimizer_config.beta2),
+            "eps": optimizer_config.eps,
+            "weight_decay": optimizer_config.weight_decay,
+            "fused": implementation == "fused",
+            "foreach": implementation == "foreach",
+        },
+    }
+    container = MuonOptimizersContainer(model_parts, muon_kwargs, muon_config.muon_params)
+    for i, optimizer in enumerate(container.optimizers):
+        logger.info(f"Muon (model part {i}): {optimizer.describe()}")
+    return container
+
+
+def _check_parallelism(optimizer_config, parallel_dims, ft_manager) -> None:
+    """Refuse, at start-up and on every rank alike, what Muon cannot do."""
+    if parallel_dims.tp_enabled:
+        raise MuonConfigError(
+            f"[optimizer] name = 'Muon' is not allowed with parallelism.tensor_parallel_degree = {parallel_dims.tp}: "
+            "expected tensor_parallel_degree = 1 (Newton-Schulz needs whole matrices; Muon gathers FSDP row "
+            "shards, not tensor-parallel ones)"
+        )
+    if optimizer_config.early_step_in_backward:
+        raise MuonConfigError(
+            "[optimizer] early_step_in_backward = True is not allowed with name = 'Muon': expected False (Muon "
+            "steps all matrices together, with collectives)"
+        )
+    if ft_manager is not None and getattr(ft_manager, "enabled", False):
+        raise MuonConfigError("[optimizer] name = 'Muon' is not allowed with fault_tolerance.enable: expected AdamW")
+
+
+# -- the TrainSpec -----------------------------------------------------------------------------------------------------
+
+_job_config = None  # this process's JobConfig, seen by the wrapped parallelize_fn before optimizers are built
+
+
+def muon_config(job_config) -> Muon:
+    config = getattr(job_config, "muon", None) if job_config is not None else None
+    if config is None:
+        logger.warning("[optimizer] name = 'Muon' without a [muon] section in the JobConfig: using its defaults")
+        return Muon()
+    return config
+
+
+def wrap_train_spec(spec: TrainSpec) -> TrainSpec:
+    """``spec`` with ``[optimizer] name = "Muon"`` available; every other optimizer name builds as before.
+
+    torchtitan hands an optimizer builder only ``job_config.optimizer``; the ``[muon]`` section comes from the
+    JobConfig that ``parallelize_fn`` receives (the Trainer calls it before building optimizers, also under PP,
+    where pipelining calls it per stage).
+    """
+    original_parallelize = spec.parallelize_fn
+    original_optimizers = spec.build_optimizers_fn
+
+    def parallelize_fn(model, parallel_dims, job_config, *args, **kwargs):
+        global _job_config
+        _job_config = job_config
+        return original_parallelize(model, parallel_dims, job_config, *args, **kwargs)
+
+    def build_optimizers_fn(model_parts, optimizer_config, parallel_dims, ft_manager=None, *args, **kwargs):
+        if optimizer_config.name != OPTIMIZER_NAME:
+            return original_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager, *args, **kwargs)
+        container = build_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager,
+                                          muon_config(_job_config))
+        if original_optimizers is tt_optimizer.build_optimizers_with_moe_load_balancing:
+            return _with_moe_load_balancing(container, model_parts, optimizer_config, parallel_dims, ft_manager)
+        return container
+
+    return dataclasses.replace(spec, parallelize_fn=parallelize_fn, build_optimizers_fn=build_optimizers_fn)
+
+
+def _with_moe_load_balancing(container, model_parts, optimizer_config, parallel_dims, ft_manager):
+    """MoE specs (llama4, deepseek_v3) build their optimizers with torchtitan's build_optimizers plus a step
+    pre-hook that updates the experts' load-balancing biases. That builder calls build_optimizers by its module
+    name: pointing the name at our container for the call keeps torchtitan's hook exactly as it is."""
+    original = tt_optimizer.build_optimizers
+    tt_optimizer.build_optimizers = lambda *args, **kwargs: container
+    try:
+        return tt_optimizer.build_optimizers_with_moe_load_balancing(
+            model_parts, optimizer_config, parallel_dims, ft_manager
+        )
+    finally:
+        tt_optimizer.build_optimizers = original
