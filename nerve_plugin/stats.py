@@ -109,16 +109,14 @@ class CovarianceStats:
         exact only when x and the shift are within a factor of 2 (Sterbenz), which holds for nearly every row
         there; elsewhere the raw values are exact and cancellation costs at most ~65 eps of fp32 accumulation.
         """
-        if self.count:
-            mean = self.mean
-        else:
-            mean = rows.to(torch.float64).mean(dim=0)
+        wide = None if self.count else rows.to(torch.float64)
+        mean = self.mean if self.count else wide.mean(dim=0)
         if gram_dtype not in _LOW_PRECISION:
             return mean
         if self.count:
             var = torch.diagonal(self.m2).to(torch.float64) / max(self.count - 1, 1)
         else:
-            var = rows.to(torch.float64).var(dim=0, correction=0)
+            var = wide.var(dim=0, correction=0)
         return torch.where(mean.square() > 64 * var, mean, torch.zeros_like(mean))
 
     def covariance(self) -> torch.Tensor:

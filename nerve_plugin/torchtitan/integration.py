@@ -108,7 +108,6 @@ class NerveSession:
             self.monitor = part
         else:  # another pipeline stage held by this rank
             self.monitor.taps.extend(part.taps)
-            self.monitor.layers = sorted(set(self.monitor.layers) | set(part.layers))
         for taps in part.taps:
             taps.attach()
         model.register_forward_pre_hook(self._begin_forward)
