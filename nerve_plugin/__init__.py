@@ -18,19 +18,24 @@ from .spectrum import (
 from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, TapResult
 from .stats import CovarianceStats, reduce_stats
 from .taps import BUILTIN_SPECS, FFNTaps, TapPoint, TapSpec
+from .writers import JsonlWriter, TensorBoardWriter
+from .loop import NerveLoop, ffn_spec  # the entry point for hand-written training loops
 
 __all__ = [
     "BUILTIN_SPECS",
     "CovarianceStats",
     "FFNTaps",
+    "JsonlWriter",
     "LayerRecord",
     "MonitorConfig",
+    "NerveLoop",
     "NerveMonitor",
     "ParallelGroups",
     "TapResult",
     "SpectrumMetrics",
     "TapPoint",
     "TapSpec",
+    "TensorBoardWriter",
     "reduce_stats",
     "compute_covariance",
     "compute_eee",
@@ -38,6 +43,7 @@ __all__ = [
     "compute_participation_ratio",
     "compute_sorted_eigs",
     "compute_spectral_entropy",
+    "ffn_spec",
     "normalize_eigs",
     "spectrum_metrics",
 ]

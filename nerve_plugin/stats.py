@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-GPU_GRAM_CHUNK_ROWS = 1024
+GPU_GRAM_CHUNK_ROWS = 2048
 
 
 def default_accumulate_dtype(device: torch.device) -> torch.dtype:
@@ -69,18 +69,19 @@ class CovarianceStats:
         work_dtype = torch.promote_types(rows.dtype, gram_dtype)
         shift = self._shift(rows, gram_dtype).to(work_dtype)
         shifted = (rows.to(work_dtype) - shift).to(gram_dtype)
-        offset = shifted.sum(dim=0, dtype=torch.float64) / n_b
-        gram = self._gram(shifted)
+        offset = _column_sums(shifted) / n_b
 
         n_a = self.count
         n = n_a + n_b
         batch_mean = shift.to(torch.float64) + offset
         delta = batch_mean - self.mean
-        # M2_b = G - n_b offset offset^T, then the Chan term; both are rank-one updates.
-        self.m2.add_(gram.to(self.accumulate_dtype))
-        self.m2.add_(torch.outer(offset, offset).mul_(-n_b).to(self.accumulate_dtype))
+        # M2 += G - n_b offset offset^T (the batch's own M2), then the Chan term: the Gram accumulates straight
+        # into M2 and both corrections are rank-one updates in place, so M2 is read and written once each.
+        self._accumulate_gram(shifted)
+        acc = self.accumulate_dtype
+        self.m2.addr_(offset.to(acc), offset.to(acc), alpha=-n_b)
         if n_a:
-            self.m2.add_(torch.outer(delta, delta).mul_(n_a * n_b / n).to(self.accumulate_dtype))
+            self.m2.addr_(delta.to(acc), delta.to(acc), alpha=n_a * n_b / n)
         self.mean.add_(delta * (n_b / n))
         self.count = n
 
@@ -109,14 +110,14 @@ class CovarianceStats:
         exact only when x and the shift are within a factor of 2 (Sterbenz), which holds for nearly every row
         there; elsewhere the raw values are exact and cancellation costs at most ~65 eps of fp32 accumulation.
         """
-        wide = None if self.count else rows.to(torch.float64)
-        mean = self.mean if self.count else wide.mean(dim=0)
+        # Reductions with a wide accumulator, not a wide copy: a float64 copy of a [16k, 8k] micro-batch is 1 GiB.
+        mean = self.mean if self.count else _column_sums(rows) / rows.shape[0]
         if gram_dtype not in _LOW_PRECISION:
             return mean
         if self.count:
             var = torch.diagonal(self.m2).to(torch.float64) / max(self.count - 1, 1)
-        else:
-            var = wide.var(dim=0, correction=0)
+        else:  # only decides which features to shift: E[x^2] - mean^2 is accurate enough for that
+            var = (_column_sums(rows, square=True) / rows.shape[0] - mean.square()).clamp_min(0)
         return torch.where(mean.square() > 64 * var, mean, torch.zeros_like(mean))
 
     def covariance(self) -> torch.Tensor:
@@ -131,21 +132,46 @@ class CovarianceStats:
             return rows.dtype
         return self.accumulate_dtype
 
-    @staticmethod
-    def _gram(shifted: torch.Tensor) -> torch.Tensor:
+    def _accumulate_gram(self, shifted: torch.Tensor) -> None:
+        """M2 += shifted^T shifted."""
         if not shifted.is_cuda:
-            return shifted.T @ shifted
+            self.m2.addmm_(shifted.T.to(self.accumulate_dtype), shifted.to(self.accumulate_dtype))
+            return
         # GPU matmul accumulators lose precision with the reduction length (measured on H100, bf16 in, fp32
-        # out: 1.3e-6 relative at 1000 rows, 2e-5 at 8400), so long micro-batches are summed in row chunks.
-        gram = None
+        # out: 1.3e-6 relative at 1000 rows, 2e-5 at 8400), so long micro-batches go in row chunks, each added
+        # to M2 by the matmul's own epilogue (beta = 1) rather than by a separate pass over D x D.
         for chunk in shifted.split(GPU_GRAM_CHUNK_ROWS):
             if chunk.dtype in _LOW_PRECISION:
                 with _full_precision_reductions():
-                    part = torch.mm(chunk.T, chunk, out_dtype=torch.float32)
+                    _addmm_fp32_out(self.m2, chunk)
             else:
-                part = chunk.T @ chunk
-            gram = part if gram is None else gram.add_(part)
-        return gram
+                self.m2.addmm_(chunk.T.to(self.accumulate_dtype), chunk.to(self.accumulate_dtype))
+
+
+def _column_sums(x: torch.Tensor, square: bool = False) -> torch.Tensor:
+    """Float64 column sums (of squares) of [n, d] rows, in row chunks: a reduction asked for in float64 casts
+    its whole input first, which for a [16k, 8k] bf16 micro-batch is a 1 GiB temporary."""
+    total = torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)
+    for chunk in x.split(GPU_GRAM_CHUNK_ROWS if x.is_cuda else max(1, x.shape[0])):
+        chunk = chunk.to(torch.float64)
+        total += (chunk.square() if square else chunk).sum(dim=0)
+    return total
+
+
+_ADDMM_OUT_DTYPE: bool | None = None  # whether this build has addmm(..., out_dtype=) for CUDA
+
+
+def _addmm_fp32_out(m2: torch.Tensor, chunk: torch.Tensor) -> None:
+    """m2 (fp32) += chunk^T chunk for a bf16/fp16 chunk, on tensor cores with fp32 output."""
+    global _ADDMM_OUT_DTYPE
+    if m2.dtype == torch.float32 and _ADDMM_OUT_DTYPE is not False:
+        try:
+            torch.addmm(m2, chunk.T, chunk, out_dtype=torch.float32, out=m2)
+            _ADDMM_OUT_DTYPE = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
+    m2.add_(torch.mm(chunk.T, chunk, out_dtype=torch.float32).to(m2.dtype))
 
 
 @contextlib.contextmanager

@@ -214,6 +214,7 @@ class FFNTaps:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._slot_ids: list[int] = []
         self._armed_step: int | None = None
+        self._active_layers: frozenset[int] | None = None
         self._forward_ordinal: dict[tuple[int, str], int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -253,9 +254,11 @@ class FFNTaps:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def arm(self, step: int) -> None:
-        """Start capturing for ``step``: statistics gathered from now on belong to it."""
+    def arm(self, step: int, layers: Iterable[int] | None = None) -> None:
+        """Start capturing for ``step``: statistics gathered from now on belong to it. ``layers``: capture only
+        these (None: all of this instance's)."""
         self._armed_step = step
+        self._active_layers = None if layers is None else frozenset(layers)
         self._forward_ordinal.clear()
         _set_armed(self, True)
 
@@ -279,6 +282,20 @@ class FFNTaps:
         for s in self.stats.values():
             s.reset()
 
+    def release(self) -> None:
+        """Drop the statistics: a logging step's D x D buffers live only until its merge."""
+        self.stats = {}
+
+    def dims(self) -> dict[tuple[int, str], int]:
+        """The (global) feature dimension of each tap, from its module's weight: the size of its D x D buffers."""
+        out = {}
+        for (layer, tap), module in self._points.items():
+            capture = (self.spec.pre if tap == "pre" else self.spec.post).capture
+            dim = _feature_dim(module, capture)
+            if dim is not None:
+                out[(layer, tap)] = dim
+        return out
+
     # -- capture ---------------------------------------------------------------------------------------------
 
     def _capture(self, layer: int, tap: str, activation: torch.Tensor) -> None:
@@ -287,6 +304,8 @@ class FFNTaps:
         # Activation checkpointing re-runs the forward inside the backward pass; those rows were counted
         # when the forward first ran.
         if torch._C._current_graph_task_id() != -1:
+            return
+        if self._active_layers is not None and layer not in self._active_layers:
             return
         key = (layer, tap)
         ordinal = self._forward_ordinal.get(key, 0)
@@ -312,6 +331,18 @@ class FFNTaps:
         generator = torch.Generator(device=device).manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
         chosen = torch.randperm(n_rows, generator=generator, device=device)[: self.max_tokens_per_forward]
         return chosen.sort().values
+
+
+def _feature_dim(module: nn.Module, capture: str) -> int | None:
+    # nn.Linear keeps its logical sizes under TP (DTensor weights) and FSDP; other modules: the weight's shape
+    # as a Linear stores it ([out, in]), or the Conv1D layout of GPT-2 ([in, out]) is the caller's concern.
+    name = "out_features" if capture == "output" else "in_features"
+    if isinstance(getattr(module, name, None), int):
+        return getattr(module, name)
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0] if capture == "output" else weight.shape[1])
+    return None
 
 
 def _gather_columns(rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

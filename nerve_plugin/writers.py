@@ -59,6 +59,14 @@ class TensorBoardWriter:
             self.writer.add_image("nerve/eigenspectrum", spectrum_picture(records), step, dataformats="HWC")
         self.writer.flush()
 
+    def truncate_from(self, step: int) -> None:
+        """After a resume at ``step``: TensorBoard hides this run's events at steps >= ``step`` written before
+        this marker (its purge rule for a restarted run), so a run directory reused by the restart holds each
+        point once."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+
 
 class JsonlWriter:
     """One JSON object per (step, layer), appended and flushed at each logging step."""
@@ -70,7 +78,25 @@ class JsonlWriter:
     def write(self, step: int, records: list[LayerRecord]) -> None:
         with open(self.path, "a") as f:
             for record in records:
-                f.write(json.dumps(record.to_json()) + "\n")
+                f.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
+
+    def truncate_from(self, step: int) -> None:
+        """After a resume at ``step``: drop the records of steps >= ``step`` that an interrupted attempt wrote
+        (they are logged again), keeping the file valid at every moment (write aside, then rename)."""
+        if not os.path.exists(self.path):
+            return
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] < step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by the crash
+        aside = self.path + ".tmp"
+        with open(aside, "w") as f:
+            f.writelines(kept)
+        os.replace(aside, self.path)
 
 
 # -- the spectrum picture -------------------------------------------------------------------------------------
@@ -85,9 +111,13 @@ def spectrum_picture(records: list[LayerRecord], panel: tuple[int, int] = (220, 
     """
     from PIL import Image, ImageDraw
 
-    spectra = [s for r in records for s in (r.pre, r.post) if s is not None]
-    floor = max(min(float(s.eigenvalues[s.eigenvalues > 1e-12].min(initial=1.0)) for s in spectra), 1e-12)
-    top = max(float(s.eigenvalues[0]) for s in spectra)
+    spectra = [s for r in records for s in (r.pre, r.post) if s is not None and len(s.eigenvalues)]
+    if not spectra:  # every measured tap failed: nothing to draw, but keep the picture's place in the run
+        spectra = [None]
+        floor, top = 1e-12, 1.0
+    else:
+        floor = max(min(float(s.eigenvalues[s.eigenvalues > 1e-12].min(initial=1.0)) for s in spectra), 1e-12)
+        top = max(float(s.eigenvalues[0]) for s in spectra)
     lo, hi = math.log10(floor), math.log10(top) if top > floor else math.log10(floor) + 1
     columns = min(4, len(records))
     rows = math.ceil(len(records) / columns)
@@ -105,11 +135,11 @@ def spectrum_picture(records: list[LayerRecord], panel: tuple[int, int] = (220, 
         draw.rectangle([x0 + margin, y0 + 14, x0 + width - 6, y0 + height - 6], outline=(180, 180, 180))
         draw.text((x0 + 2, y0 + 14), f"{hi:.0f}", fill="gray")
         draw.text((x0 + 2, y0 + height - 18), f"{lo:.0f}", fill="gray")
-        dims = [len(t.eigenvalues) for t in (record.pre, record.post) if t is not None]
+        dims = [t.dim for t in (record.pre, record.post) if t is not None]
         draw.text((x0 + width - 40, y0 + height - 20), f"D={max(dims)}", fill="gray")
-        draw.text((x0 + margin + 2, y0 + 1), f"layer {record.layer}" + (f"  JS {record.js:.3f}" if record.js is not None else ""), fill="black")
+        draw.text((x0 + margin + 2, y0 + 1), f"layer {record.layer}" + (f"  JS {record.js:.3f}" if record.js is not None and math.isfinite(record.js) else ""), fill="black")
         for result, colour in ((record.pre, PRE_COLOUR), (record.post, POST_COLOUR)):
-            if result is None:
+            if result is None or not len(result.eigenvalues):
                 continue
             eigs = result.eigenvalues
             d = len(eigs)

@@ -174,18 +174,22 @@ def test_resume_logs_at_the_same_steps(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "key, value, message",
+    "nerve, message",
     [
-        ("log_freq", 0, "[nerve] log_freq = 0 is not allowed: expected an integer >= 1"),
-        ("eigen_solve", "gpu", "[nerve] eigen_solve = 'gpu' is not allowed: expected one of 'rank0', 'spread'"),
-        ("taps", ["pre", "middle"], "[nerve] taps = ['pre', 'middle'] is not allowed"),
+        # checks that need the model: after config parsing (tests/test_config_validation.py has those), still
+        # before the first step and alike on every rank
+        ({"layers": [0, 99]}, "[nerve] layers = [0, 99] is not allowed: expected indices of the model's 6 blocks"),
+        # debugmodel: 6 layers x 2 taps of D = 768, float64 on the CPU: 9.4 MB a layer + 9.4 MB working copies
+        ({"memory_budget_gb": 0.03}, "[nerve] memory_budget_gb = 0.03 is too small: one logging step needs 0.06 GiB"),
     ],
 )
-def test_bad_nerve_values_stop_the_run_at_start_up(tmp_path, key, value, message):
-    cfg = nerve_config(tmp_path, nerve={key: value})
+def test_model_dependent_nerve_errors_stop_the_run_at_start_up(tmp_path, nerve, message):
+    cfg = nerve_config(tmp_path, nerve=nerve)
     proc = run_torchtitan(tmp_path, cfg, nproc=2, check=False, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stdout
+    if "memory_budget_gb" in nerve:
+        assert "set [nerve] max_layers_per_step = 2" in proc.stdout  # 2 x 9.4 + 9.4 MB fit in 0.03 GiB
     assert "step:" not in proc.stdout  # stopped before training
 
 

@@ -12,12 +12,14 @@ stops the run at start-up with the key, the value and what is allowed.
 
 # No `from __future__ import annotations` here: torchtitan merges config dataclasses by their real field types.
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
-from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS
+from torchtitan.config.manager import ConfigManager
+
+from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS, SOLVE_MODES
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
-from nerve_plugin.torchtitan.muon import Muon
-from nerve_plugin.variants.config import Variant
+from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
+from nerve_plugin.variants.config import Variant, VariantConfigError
 
 OUTPUTS = ("tensorboard", "jsonl")
 SPECS = ("auto", *BUILTIN_SPECS)
@@ -58,23 +60,40 @@ class Nerve:
     seed: int = 0
     """Seed of the token sub-sampling."""
 
+    solve: str = "overlap"
+    """When the float64 eigen-solves run: "overlap" (on a host thread while the next steps train; a logging
+    step's records are written at the next logging step, before a checkpoint and at the end, with their own
+    step) or "sync" (at the logging step, on the statistics' device; training waits)."""
+
+    max_layers_per_step: int = 0
+    """Measure at most this many layers per logging step, rotating through them (layer l at every
+    ceil(L / max_layers_per_step)-th logging step); 0 measures every layer every time. Bounds memory and work."""
+
+    memory_budget_gb: float = 16.0
+    """Start-up check: the covariance buffers of one logging step (D x D per measured layer and tap, plus
+    float64 working copies) must fit in this many GiB per rank, or the run stops and says what to set."""
+
+    solver_threads: int = 0
+    """Host threads for overlapped solves of GPU runs; 0: this rank's share of the cores minus one."""
+
     def __post_init__(self):
-        _check_type("enable", self.enable, bool)
-        _check_type("log_freq", self.log_freq, int)
-        if self.log_freq < 1:
-            _fail("log_freq", self.log_freq, "an integer >= 1")
+        _check_bool("enable", self.enable)
+        _check_int("log_freq", self.log_freq, "an integer >= 1", lambda v: v >= 1)
         _check_list("taps", self.taps, TAPS)
         if len(set(self.taps)) != len(self.taps):
             _fail("taps", self.taps, f"distinct values from {list(TAPS)}")
         if not isinstance(self.layers, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
             _fail("layers", self.layers, "a list of layer indices >= 0 (empty for all layers)")
-        _check_type("tokens_per_rank", self.tokens_per_rank, int)
-        if self.tokens_per_rank < 0 or self.tokens_per_rank == 1:
-            _fail("tokens_per_rank", self.tokens_per_rank, "0 (all tokens) or an integer >= 2")
+        _check_int("tokens_per_rank", self.tokens_per_rank, "0 (all tokens) or an integer >= 2", lambda v: v == 0 or v >= 2)
         _check_choice("eigen_solve", self.eigen_solve, EIGEN_SOLVE_PLACEMENTS)
         _check_list("outputs", self.outputs, OUTPUTS, allow_empty=True)
         _check_choice("spec", self.spec, SPECS)
-        _check_type("seed", self.seed, int)
+        _check_int("seed", self.seed, "an integer", lambda v: True)
+        _check_choice("solve", self.solve, SOLVE_MODES)
+        _check_int("max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0)
+        if isinstance(self.memory_budget_gb, bool) or not isinstance(self.memory_budget_gb, (int, float)) or not 0 < self.memory_budget_gb < float("inf"):
+            _fail("memory_budget_gb", self.memory_budget_gb, "a number of GiB > 0")
+        _check_int("solver_threads", self.solver_threads, "0 (automatic) or an integer >= 1", lambda v: v >= 0)
 
 
 @dataclass
@@ -84,14 +103,55 @@ class JobConfig:
     variant: Variant = field(default_factory=Variant)  # options of the nerve_llama model family
 
 
+def check_sections(config_cls, toml: dict) -> None:
+    """The keys of nerve's sections in a TOML table, before torchtitan reads them: torchtitan names an unknown
+    key but not the allowed ones, and silently drops a section that is not a table (`nerve = true`)."""
+    errors = {Nerve: NerveConfigError, Muon: MuonConfigError, Variant: VariantConfigError}
+    for f in fields(config_cls):
+        # a custom JobConfig that extends a section gets a merged subclass of it from torchtitan
+        section = next((c for c in errors if isinstance(f.type, type) and issubclass(f.type, c)), None)
+        if section is None or f.name not in toml:
+            continue
+        keys = ", ".join(k.name for k in fields(section))
+        if not isinstance(toml[f.name], dict):
+            raise errors[section](f"{f.name} = {toml[f.name]!r} is not allowed: expected a [{f.name}] table with keys from {keys}")
+        for key in toml[f.name]:
+            if key not in {k.name for k in fields(f.type)}:
+                raise errors[section](f"[{f.name}] {key} is not a key of [{f.name}]: expected one of {keys}")
+
+
+def _install_section_check() -> None:
+    # torchtitan imports this module (custom_config_module) before it turns the TOML into dataclasses, on every
+    # rank alike and before any collective; checking there stops every rank at start-up with the same message.
+    original = ConfigManager._dict_to_dataclass
+    if getattr(original, "nerve_checks_sections", False):
+        return
+
+    def _dict_to_dataclass(self, cls, data):
+        if is_dataclass(cls) and isinstance(data, dict):
+            check_sections(cls, data)
+        return original(self, cls, data)
+
+    _dict_to_dataclass.nerve_checks_sections = True
+    ConfigManager._dict_to_dataclass = _dict_to_dataclass
+
+
+_install_section_check()
+
+
 def _fail(key: str, value, allowed: str):
     raise NerveConfigError(f"[nerve] {key} = {value!r} is not allowed: expected {allowed}")
 
 
-def _check_type(key: str, value, kind: type):
+def _check_bool(key: str, value):
+    if not isinstance(value, bool):
+        _fail(key, value, "true or false")
+
+
+def _check_int(key: str, value, allowed: str, ok):
     # bool is an int in Python; a TOML `log_freq = true` must not pass as 1.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        _fail(key, value, f"a value of type {kind.__name__}")
+    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
+        _fail(key, value, allowed)
 
 
 def _check_choice(key: str, value, choices):

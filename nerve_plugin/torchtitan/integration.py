@@ -36,6 +36,7 @@ from torchtitan.tools.logging import logger
 from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups
 from nerve_plugin.taps import BUILTIN_SPECS
 from nerve_plugin.torchtitan import muon
+from nerve_plugin.torchtitan.config import NerveConfigError
 from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
 from nerve_plugin.variants import SPEC_NAME as VARIANT_SPEC
@@ -58,7 +59,7 @@ def enabled(job_config) -> bool:
 class NerveSession:
     """Per-process state of one training job: the monitor, the step source and the writers."""
 
-    def __init__(self, job_config, parallel_dims, model_name: str):
+    def __init__(self, job_config, parallel_dims, model_name: str, model_args=None):
         self.job_config = job_config
         self.parallel_dims = parallel_dims
         self.config = nerve_config(job_config)
@@ -69,6 +70,12 @@ class NerveSession:
                 f"one of {sorted(BUILTIN_SPECS)} if its blocks have the same FFN layout, or turn [nerve] off"
             )
         self.spec = BUILTIN_SPECS[spec_name]
+        depth = getattr(model_args, "n_layers", None)
+        if depth is not None and any(layer >= depth for layer in self.config.layers):
+            raise NerveConfigError(
+                f"[nerve] layers = {self.config.layers} is not allowed: expected indices of the model's "
+                f"{depth} blocks (0..{depth - 1}), or [] for all"
+            )
         self.monitor_config = MonitorConfig(
             log_freq=self.config.log_freq,
             taps=tuple(self.config.taps),
@@ -76,6 +83,10 @@ class NerveSession:
             max_tokens_per_forward=self._tokens_per_forward(),
             eigen_solve=self.config.eigen_solve,
             seed=self.config.seed,
+            solve=self.config.solve,
+            max_layers_per_step=self.config.max_layers_per_step,
+            model_layers=getattr(model_args, "n_layers", None),
+            solver_threads=self.config.solver_threads,
         )
         self.groups = ParallelGroups(
             token_group=_optional_group(parallel_dims, "loss"),
@@ -87,6 +98,7 @@ class NerveSession:
         self.writers: list = []
         self.pipelined = False
         self.in_pipeline_chunk = 0
+        self.first_step: int | None = None  # the first step this process trains (> 1 after a resume)
 
     def _tokens_per_forward(self) -> int | None:
         budget = self.config.tokens_per_rank
@@ -105,12 +117,29 @@ class NerveSession:
     def attach(self, model: nn.Module) -> None:
         part = NerveMonitor(model, self.spec, self.monitor_config, self.groups)
         if self.monitor is None:
-            self.monitor = part
+            self.monitor = part.attach()
         else:  # another pipeline stage held by this rank
-            self.monitor.taps.extend(part.taps)
-        for taps in part.taps:
-            taps.attach()
+            self.monitor.add_part(part)
+        self._check_memory()
         model.register_forward_pre_hook(self._begin_forward)
+
+    def _check_memory(self) -> None:
+        """Stop at start-up, not with an out-of-memory error at the first logging step."""
+        need = self.monitor.buffer_bytes()
+        budget = self.config.memory_budget_gb * 2**30
+        if need <= budget:
+            return
+        dims = sorted({d for t in self.monitor.taps for d in t.dims().values()})
+        per_layer = need / max(1, len(self.monitor.selected_layers(1)))
+        fits = int(budget // per_layer) if per_layer else 0
+        hint = f"set [nerve] max_layers_per_step = {fits} (layers rotate over logging steps)" if fits >= 1 else (
+            "measure one tap (taps), sub-sample fewer layers (layers)"
+        )
+        raise NerveConfigError(
+            f"[nerve] memory_budget_gb = {self.config.memory_budget_gb} is too small: one logging step needs "
+            f"{need / 2**30:.2f} GiB of covariance buffers on this rank ({len(self.monitor.selected_layers(1))} "
+            f"layers x {len(self.config.taps)} taps at D = {dims}); {hint}, or raise memory_budget_gb"
+        )
 
     def watch_pipeline(self, schedule) -> None:
         """Under PP, count only the schedule's microbatch forwards. torch.distributed.pipelining also runs each
@@ -141,11 +170,26 @@ class NerveSession:
     def end_step(self, step: int, metrics_processor: MetricsProcessor) -> None:
         if self.monitor is None:
             return
+        if self.first_step is None:
+            self.first_step = step
         records = self.monitor.end_step(step)
-        if records is None:
+        if self._flush_due(step):
+            # Overlapped solves still running must land before a checkpoint: a resume from it starts after
+            # this step and would never see them.
+            records = (records or []) + self.monitor.flush()
+        if records is None or torch.distributed.get_rank() != self.groups.report_rank:
             return
-        if torch.distributed.get_rank() == self.groups.report_rank:
-            self._write(step, records, metrics_processor)
+        by_step: dict[int, list[LayerRecord]] = {}
+        for record in records:
+            by_step.setdefault(record.step, []).append(record)
+        for logged_step in sorted(by_step):
+            self._write(logged_step, by_step[logged_step], metrics_processor)
+
+    def _flush_due(self, step: int) -> bool:
+        checkpoint = self.job_config.checkpoint
+        if step >= self.job_config.training.steps:
+            return True
+        return bool(checkpoint.enable and checkpoint.interval > 0 and step % checkpoint.interval == 0)
 
     def _write(self, step: int, records: list[LayerRecord], metrics_processor: MetricsProcessor) -> None:
         if not self.writers:
@@ -154,7 +198,7 @@ class NerveSession:
             writer.write(step, records)
         pre = [r.pre.spectral_entropy for r in records if r.pre]
         post = [r.post.spectral_entropy for r in records if r.post]
-        summary = f"nerve step {step}: {len(records)} layers in {self.monitor.last_duration_s:.2f}s"
+        summary = f"nerve step {step}: {len(records)} layers, merge {self.monitor.last_duration_s:.2f}s"
         if pre and post:
             summary += f", mean SE pre {sum(pre) / len(pre):.3f} -> post {sum(post) / len(post):.3f}"
         logger.info(summary)
@@ -169,6 +213,10 @@ class NerveSession:
                 logger.warning("[nerve] outputs has 'tensorboard' but metrics.enable_tensorboard is off on this rank")
         if "jsonl" in self.config.outputs:
             writers.append(JsonlWriter(jsonl_path(self.job_config)))
+        if self.first_step is not None and self.first_step > 1:
+            # A resumed run: what an earlier attempt logged from here on is stale and is logged again now.
+            for writer in writers:
+                writer.truncate_from(self.first_step)
         return writers
 
 
@@ -196,7 +244,7 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
         if not enabled(job_config):
             return original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
         processor = original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
-        session = _session = NerveSession(job_config, parallel_dims, model_name)
+        session = _session = NerveSession(job_config, parallel_dims, model_name, model_args)
         torchtitan_should_log = processor.should_log
 
         def should_log(step: int) -> bool:

@@ -17,6 +17,7 @@ the model args are built.
 
 # No `from __future__ import annotations` here: torchtitan merges config dataclasses by their real field types.
 
+import math
 from dataclasses import dataclass, field
 
 FLAVOR = "flavor"  # keep the flavor's choice
@@ -77,13 +78,9 @@ class Variant:
 
     def __post_init__(self):
         _check_choice("activation", self.activation, (FLAVOR, *ACTIVATIONS))
-        _check_number("leaky_slope", self.leaky_slope)
-        if not 0.0 <= self.leaky_slope < 1.0:
-            _fail("leaky_slope", self.leaky_slope, "a number in [0, 1)")
+        _check_number("leaky_slope", self.leaky_slope, "a number in [0, 1)", lambda v: 0 <= v < 1)
         _check_choice("learnable_slope", self.learnable_slope, SLOPE_SCOPES)
-        _check_number("ffn_multiplier", self.ffn_multiplier)
-        if self.ffn_multiplier < 0:
-            _fail("ffn_multiplier", self.ffn_multiplier, "0 (the flavor's) or a number > 0")
+        _check_number("ffn_multiplier", self.ffn_multiplier, "0 (the flavor's) or a number > 0", lambda v: v >= 0)
         _check_choice("norm", self.norm, (FLAVOR, *NORMS))
         _check_choice("norm_placement", self.norm_placement, (FLAVOR, *NORM_PLACEMENTS))
         if isinstance(self.mixed_post_layers, bool) or not isinstance(self.mixed_post_layers, int) or self.mixed_post_layers < 1:
@@ -120,6 +117,7 @@ def _check_choice(key: str, value, choices):
         _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
-def _check_number(key: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(key, value, "a number")
+def _check_number(key: str, value, allowed: str, ok):
+    # bool is an int in Python, and NaN passes no range check by failing every comparison
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        _fail(key, value, allowed)

@@ -1,0 +1,149 @@
+"""A PNG heatmap of an analysis: layers (rows) x metrics (SE, PR, EEE) for pre, post and post - pre, plus JS.
+
+Each metric has its own scale, so colours are normalised per column: pre and post share one range (their
+colours compare), the difference uses a symmetric diverging range, JS runs from 0. Cells carry their values.
+Drawn with matplotlib when it is installed, else with PIL (a dependency already).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .results import METRIC_LABELS, METRICS, AnalysisResults
+
+PANELS = ("pre", "post", "post - pre")
+
+
+@dataclass
+class Grid:
+    """The numbers of the picture and their colour positions in [0, 1] (0.5 = no change in the diff panel)."""
+
+    layers: list[int]
+    values: dict[str, np.ndarray]  # panel -> [layers, 3]; "JS" -> [layers, 1]
+    shades: dict[str, np.ndarray]
+
+
+def build_grid(results: AnalysisResults) -> Grid:
+    pre = np.array([[getattr(r.pre, m) for m in METRICS] for r in results.layers], dtype=float)
+    post = np.array([[getattr(r.post, m) for m in METRICS] for r in results.layers], dtype=float)
+    diff = post - pre
+    js = np.array([[np.nan if r.js is None else r.js] for r in results.layers], dtype=float)
+    low = np.minimum(pre.min(axis=0), post.min(axis=0))
+    span = np.maximum(pre.max(axis=0), post.max(axis=0)) - low
+    span[span == 0] = 1.0
+    reach = np.abs(diff).max(axis=0)
+    reach[reach == 0] = 1.0
+    js_top = np.nanmax(js) if np.isfinite(js).any() and np.nanmax(js) > 0 else 1.0
+    return Grid(
+        layers=[r.layer for r in results.layers],
+        values={"pre": pre, "post": post, "post - pre": diff, "JS": js},
+        shades={"pre": (pre - low) / span, "post": (post - low) / span, "post - pre": 0.5 + 0.5 * diff / reach,
+                "JS": js / js_top},
+    )
+
+
+def write_heatmap(results: AnalysisResults, path) -> str:
+    """Write the picture to ``path``; returns the backend used ("matplotlib" or "pil")."""
+    grid = build_grid(results)
+    title = f"NerVE: {results.model} ({results.tokens} tokens)"
+    try:
+        import matplotlib
+    except ImportError:
+        _draw_pil(grid, title, path)
+        return "pil"
+    matplotlib.use("Agg", force=False)
+    _draw_matplotlib(grid, title, path)
+    return "matplotlib"
+
+
+def _cell_text(value: float, column: str) -> str:
+    if not np.isfinite(value):
+        return "-"
+    return f"{value:.1f}" if column == "PR" else f"{value:.4f}" if column == "JS" else f"{value:.3f}"
+
+
+def _columns(panel: str) -> list[str]:
+    return ["JS"] if panel == "JS" else [METRIC_LABELS[m] for m in METRICS]
+
+
+def _draw_matplotlib(grid: Grid, title: str, path) -> None:
+    import matplotlib.pyplot as plt
+
+    n = len(grid.layers)
+    panels = (*PANELS, "JS")
+    fig, axes = plt.subplots(1, 4, figsize=(12, 1.2 + 0.32 * n), gridspec_kw={"width_ratios": [3, 3, 3, 1]},
+                             squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        cmap = "RdBu_r" if panel == "post - pre" else "viridis"
+        ax.imshow(np.nan_to_num(grid.shades[panel], nan=0.0), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+        columns = _columns(panel)
+        ax.set_xticks(range(len(columns)), [c if c != panel else "" for c in columns])
+        ax.set_yticks(range(n), [str(layer) for layer in grid.layers] if ax is axes[0][0] else [""] * n)
+        ax.set_title(panel)
+        ax.xaxis.tick_top()
+        for row in range(n):
+            for col, name in enumerate(columns):
+                shade = grid.shades[panel][row, col]
+                dark = panel == "post - pre" and abs(shade - 0.5) > 0.3 or panel != "post - pre" and shade < 0.6
+                ax.text(col, row, _cell_text(grid.values[panel][row, col], name), ha="center", va="center",
+                        fontsize=8, color="white" if dark else "black")
+    axes[0][0].set_ylabel("layer")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- PIL ---------------------------------------------------------------------------------------------------------
+
+# viridis at 0, 0.25, 0.5, 0.75, 1 and a blue-white-red diverging map: enough anchors for a linear blend.
+_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
+_DIVERGING = np.array([[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]],
+                      dtype=float)
+
+
+def _colour(anchors: np.ndarray, t: float) -> tuple[int, int, int]:
+    if not np.isfinite(t):
+        return (200, 200, 200)
+    t = min(max(t, 0.0), 1.0) * (len(anchors) - 1)
+    i = min(int(t), len(anchors) - 2)
+    rgb = anchors[i] + (anchors[i + 1] - anchors[i]) * (t - i)
+    return tuple(int(round(c)) for c in rgb)
+
+
+def _draw_pil(grid: Grid, title: str, path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        font = ImageFont.load_default()
+    cell_w, cell_h, label_w, gap, top = 64, 22, 64, 16, 58
+    panels = (*PANELS, "JS")
+    widths = [len(_columns(p)) * cell_w for p in panels]
+    width = label_w + sum(widths) + gap * (len(panels) - 1) + 12
+    height = top + cell_h * len(grid.layers) + 12
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((8, 6), title, fill="black", font=font)
+    for row, layer in enumerate(grid.layers):
+        draw.text((8, top + row * cell_h + 4), f"layer {layer}", fill="black", font=font)
+    x = label_w
+    for panel, panel_w in zip(panels, widths):
+        anchors = _DIVERGING if panel == "post - pre" else _VIRIDIS
+        draw.text((x + 2, 24), panel, fill="black", font=font)
+        for col, name in enumerate(_columns(panel)):
+            if name != panel:
+                draw.text((x + col * cell_w + 4, 40), name, fill="black", font=font)
+            for row in range(len(grid.layers)):
+                shade = grid.shades[panel][row, col]
+                fill = _colour(anchors, shade)
+                box = (x + col * cell_w, top + row * cell_h, x + (col + 1) * cell_w - 1, top + (row + 1) * cell_h - 1)
+                draw.rectangle(box, fill=fill)
+                luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
+                draw.text((box[0] + 4, box[1] + 4), _cell_text(grid.values[panel][row, col], name),
+                          fill="black" if luminance > 140 else "white", font=font)
+        x += panel_w + gap
+    image.save(path, format="PNG")

@@ -1,0 +1,100 @@
+"""What an analysis returns: per-layer SE / PR / EEE of pre and post, and JS, printable and JSON-ready."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..monitor import TapResult
+
+METRICS = ("spectral_entropy", "participation_ratio", "eee")
+METRIC_LABELS = {"spectral_entropy": "SE", "participation_ratio": "PR", "eee": "EEE", "js": "JS"}
+
+
+@dataclass
+class LayerResult:
+    layer: int
+    pre: TapResult
+    post: TapResult
+    js: float | None  # JS(p_pre || p_post); None when the two spectra differ in length
+    pre_module: str = ""
+    post_module: str = ""
+
+    def to_dict(self, spectrum_points: int = 64) -> dict:
+        out = {"layer": self.layer, "pre": self.pre.to_json(spectrum_points),
+               "post": self.post.to_json(spectrum_points), "js": self.js}
+        out["pre"]["module"], out["post"]["module"] = self.pre_module, self.post_module
+        return out
+
+
+@dataclass
+class AnalysisResults:
+    """``results.layers[i].pre.spectral_entropy``, ``results.metric("eee", "post")``, ``print(results)``,
+    ``json.dump(results.to_dict(), f)``."""
+
+    architecture: str
+    model: str
+    tokens: int  # tokens measured per layer (padding excluded)
+    layers: list[LayerResult] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> LayerResult:
+        for result in self.layers:
+            if result.layer == layer:
+                return result
+        raise KeyError(f"layer {layer} was not analysed (layers: {[r.layer for r in self.layers]})")
+
+    def metric(self, name: str, tap: str | None = None) -> list[float | None]:
+        """One value per layer: ``metric("js")`` or ``metric("eee", "pre")``."""
+        if name == "js":
+            return [r.js for r in self.layers]
+        if name not in METRICS or tap not in ("pre", "post"):
+            raise ValueError(f"metric({name!r}, {tap!r}): expected 'js', or one of {METRICS} with tap 'pre' or "
+                             "'post'")
+        return [getattr(getattr(r, tap), name) for r in self.layers]
+
+    def to_dict(self, spectrum_points: int = 64) -> dict:
+        """JSON-ready; each tap keeps its eigenvalues at up to ``spectrum_points`` log-spaced ranks."""
+        return {"model": self.model, "architecture": self.architecture, "tokens": self.tokens,
+                "layers": [r.to_dict(spectrum_points) for r in self.layers]}
+
+    def to_json(self, path=None, spectrum_points: int = 64) -> str:
+        text = json.dumps(self.to_dict(spectrum_points), indent=2)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    def summary(self) -> str:
+        return format_summary(self)
+
+    def __str__(self) -> str:
+        return format_summary(self)
+
+
+def format_summary(results: AnalysisResults) -> str:
+    def pair(result: LayerResult, metric: str, fmt: str) -> str:
+        return f"{format(getattr(result.pre, metric), fmt):>8} -> {format(getattr(result.post, metric), fmt):<8}"
+
+    header = (f"{'layer':>5}  {'spectral entropy':^20}  {'participation ratio':^20}  {'EEE':^20}  {'JS':>7}")
+    dims = sorted({r.pre.eigenvalues.shape[0] for r in results.layers})
+    lines = [
+        f"NerVE: {results.model} ({results.architecture} layout), {results.tokens} tokens, "
+        f"FFN width {', '.join(map(str, dims))} (pre -> post)",
+        header,
+        "-" * len(header),
+    ]
+    for r in results.layers:
+        js = f"{r.js:7.4f}" if r.js is not None else f"{'-':>7}"
+        lines.append(f"{r.layer:>5}  {pair(r, 'spectral_entropy', '.3f')}  "
+                     f"{pair(r, 'participation_ratio', '.1f')}  {pair(r, 'eee', '.3f')}  {js}")
+    return "\n".join(lines)
+
+
+def print_summary(results: AnalysisResults) -> None:
+    print(format_summary(results))

@@ -1,0 +1,135 @@
+"""NerVE in a hand-written training loop (nanoGPT style): name the blocks and the FFN's two projections.
+
+    nerve = NerveLoop(model, blocks="transformer.h", up="mlp.c_fc", down="mlp.c_proj",
+                      log_freq=100, jsonl="out/nerve.jsonl")
+    for step in range(1, max_steps + 1):
+        nerve.begin_step(step)            # before the step's first forward
+        ...forwards (micro-batches), backwards, optimizer.step()...
+        records = nerve.end_step(step)    # LayerRecords that became ready (written already), or None
+    nerve.close()
+
+The loop owns the step: ``begin_step`` arms the taps on logging steps (step 1 and every ``log_freq`` steps),
+``end_step`` merges, solves and writes. Everything else is the core's: ``TapSpec``/``FFNTaps`` hooks,
+``NerveMonitor``, the JSONL and TensorBoard writers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+from torch import nn
+
+from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups
+from .taps import TapPoint, TapSpec
+from .writers import JsonlWriter, TensorBoardWriter
+
+
+def ffn_spec(blocks: str, up: str, down: str) -> TapSpec:
+    """A TapSpec from module paths: ``blocks`` is the container whose children are the transformer blocks
+    (e.g. "transformer.h"); inside a block, pre is the output of ``up`` (the projection whose output enters
+    the nonlinearity: the gate projection of a gated FFN) and post is the input of ``down``."""
+    return TapSpec(blocks=blocks, pre=TapPoint(up, "output"), post=TapPoint(down, "input"))
+
+
+class NerveLoop:
+    """A NerveMonitor attached to ``model``, plus the writers its records go to.
+
+    Build it on the plain model, before ``torch.compile`` and DDP/FSDP wrap it (hooks added to a compiled
+    module are ignored). ``log_freq``, ``groups`` and ``monitor_options`` (any other ``MonitorConfig`` field,
+    e.g. ``taps``, ``layers``, ``max_tokens_per_forward``, ``seed``) go to the monitor. ``jsonl``: a path, one
+    record per (step, layer) appended. ``tensorboard``: a log directory or an existing ``SummaryWriter``.
+    Writers are made on the first write, so only the reporting rank (``groups.report_rank``) opens files.
+    Under data parallelism pass ``groups=ParallelGroups(token_group=torch.distributed.group.WORLD)`` and call
+    every method on every rank.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: str,
+        up: str,
+        down: str,
+        *,
+        log_freq: int = 100,
+        jsonl: str | None = None,
+        tensorboard=None,
+        groups: ParallelGroups | None = None,
+        **monitor_options,
+    ):
+        config = MonitorConfig(log_freq=log_freq, **monitor_options)
+        self.monitor = NerveMonitor(model, ffn_spec(blocks, up, down), config, groups).attach()
+        self._jsonl = jsonl
+        self._tensorboard = tensorboard
+        self._owned_summary_writer = None
+        self._writers: list | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return self.monitor.layers
+
+    def begin_step(self, step: int) -> None:
+        """Before the step's first forward; calling it again in the same step (per micro-batch, or after
+        ``pause``) keeps what was captured."""
+        self.monitor.begin_step(step)
+
+    def pause(self) -> None:
+        """Stop capturing until the next ``begin_step``: wrap evaluation forwards inside a step with it."""
+        self.monitor.pause()
+
+    def end_step(self, step: int) -> list[LayerRecord] | None:
+        """After the step's last backward (or its optimizer step), on every rank. Returns the records that
+        became ready, after writing them ([] on ranks that do not report), or None."""
+        records = self.monitor.end_step(step)
+        if records:
+            self._write(records)
+        return records
+
+    def flush(self) -> list[LayerRecord]:
+        """Records still pending in the monitor (eigen-solves that finish after their step), written and
+        returned."""
+        flush = getattr(self.monitor, "flush", None)
+        records = (flush() or []) if flush is not None else []
+        if records:
+            self._write(records)
+        return records
+
+    def close(self) -> list[LayerRecord]:
+        """Flush, then remove every hook; the model is as it was. Returns what ``flush`` returned."""
+        try:
+            return self.flush()
+        finally:
+            self.monitor.close()
+            if self._owned_summary_writer is not None:
+                self._owned_summary_writer.close()
+
+    def __enter__(self) -> "NerveLoop":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _write(self, records: list[LayerRecord]) -> None:
+        if self._writers is None:
+            self._writers = self._build_writers()
+        # Records carry their own step: with deferred solves they may belong to an earlier step than the
+        # one that returned them, and TensorBoard must plot them there.
+        by_step: dict[int, list[LayerRecord]] = defaultdict(list)
+        for record in records:
+            by_step[record.step].append(record)
+        for step in sorted(by_step):
+            for writer in self._writers:
+                writer.write(step, by_step[step])
+
+    def _build_writers(self) -> list:
+        writers = []
+        if self._tensorboard is not None:
+            summary_writer = self._tensorboard
+            if isinstance(summary_writer, (str, os.PathLike)):
+                from torch.utils.tensorboard import SummaryWriter
+
+                summary_writer = self._owned_summary_writer = SummaryWriter(summary_writer)
+            writers.append(TensorBoardWriter(summary_writer, self.monitor.config.taps))
+        if self._jsonl is not None:
+            writers.append(JsonlWriter(self._jsonl))
+        return writers

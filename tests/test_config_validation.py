@@ -1,0 +1,239 @@
+"""Every key of every section nerve adds to torchtitan's config, tried with a wrong type, an out-of-range value and
+an unknown key: each must stop torchtitan's ConfigManager at start-up with the key and what is allowed.
+
+The table below has one row per dataclass field; a field without a row fails the coverage test, so a new key
+cannot ship unchecked. The rows run in-process through torchtitan's own ConfigManager reading a TOML file (the
+way jobs are launched); a few run through its command line (tyro), and one through two real torchtitan ranks.
+"""
+
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import pytest
+from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, to_toml
+
+from nerve_plugin.torchtitan.config import Nerve, NerveConfigError
+from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
+from nerve_plugin.variants.config import Variant, VariantConfigError
+
+CONFIG_MODULE = "nerve_plugin.torchtitan.config"  # holds [nerve], [muon] and [variant]
+
+
+@dataclass(frozen=True)
+class AnyOfType:
+    """The key has no out-of-range value: these values of its type, at the edges, must all be accepted."""
+
+    values: tuple
+
+
+@dataclass(frozen=True)
+class Row:
+    wrong_type: object  # a TOML value of another type
+    out_of_range: object  # a value of the right type that is not allowed, or AnyOfType
+    allowed: str  # what the message must say is allowed
+
+
+FLAVORED = "'flavor', "  # [variant] choices start with "keep the flavor's"
+
+TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
+    "nerve": (Nerve, NerveConfigError, {
+        "enable": Row(1, AnyOfType((True, False)), "true or false"),
+        "log_freq": Row("100", 0, "an integer >= 1"),
+        "taps": Row("pre", ["pre", "middle"], "a non-empty list of values from ['pre', 'post']"),
+        "layers": Row([0.5], [3, -1], "a list of layer indices >= 0 (empty for all layers)"),
+        "tokens_per_rank": Row(2.5, 1, "0 (all tokens) or an integer >= 2"),
+        "eigen_solve": Row(0, "gpu", "one of 'rank0', 'spread'"),
+        "outputs": Row("jsonl", ["jsonl", "wandb"], "a list of values from ['tensorboard', 'jsonl']"),
+        "spec": Row(["llama3"], "gpt2", "one of 'auto', 'llama3', 'llama4', 'qwen3', 'nerve_llama'"),
+        # the seed is hashed into the sub-sampling generator's seed: any integer works
+        "seed": Row("0", AnyOfType((-(2**63), 0, 2**63 - 1)), "an integer"),
+        "solve": Row(1, "async", "one of 'sync', 'overlap'"),
+        "max_layers_per_step": Row("2", -1, "0 (all layers) or an integer >= 1"),
+        "memory_budget_gb": Row("16", 0.0, "a number of GiB > 0"),
+        "solver_threads": Row(1.5, -1, "0 (automatic) or an integer >= 1"),
+    }),
+    "muon": (Muon, MuonConfigError, {
+        "momentum": Row("0.95", 1.0, "a number in [0, 1)"),
+        "nesterov": Row("true", AnyOfType((True, False)), "true or false"),
+        "ns_steps": Row(5.0, 0, "an integer in [1, 99]"),
+        "ns_coefficients": Row(["3.4", "-4.7", "2.0"], [3.4445, -4.775], "a list of 3 finite numbers [a, b, c]"),
+        "eps": Row("1e-7", 0.0, "a finite number > 0"),
+        "adjust_lr": Row(1, "rms", "one of 'original', 'match_rms_adamw'"),
+        "lr": Row("0.02", -0.1, "a finite number >= 0, or unset for [optimizer] lr"),
+        "weight_decay": Row(True, -1.0, "a finite number >= 0, or unset for [optimizer] weight_decay"),
+        "muon_params": Row("layers.*", ["layers.*", ""], "a list of non-empty fnmatch patterns (empty for the default)"),
+        "ns_dtype": Row(16, "float16", "one of 'bfloat16', 'float32'"),
+        "bucket_mb": Row("512", -1.0, "a finite number >= 0 (0: one bucket)"),
+    }),
+    "variant": (Variant, VariantConfigError, {
+        "activation": Row(1, "tanh", "one of " + FLAVORED
+                          + "'swiglu', 'geglu', 'gelu', 'relu', 'leaky_relu', 'learnable_leaky_relu'"),
+        "leaky_slope": Row("0.01", 1.0, "a number in [0, 1)"),
+        "learnable_slope": Row(True, "head", "one of 'layer', 'global'"),
+        "ffn_multiplier": Row("4", -1.0, "0 (the flavor's) or a number > 0"),
+        "norm": Row(0, "batchnorm", "one of " + FLAVORED + "'rmsnorm', 'layernorm', 'none'"),
+        "norm_placement": Row(0, "sandwich", "one of " + FLAVORED + "'pre', 'post', 'mixed'"),
+        "mixed_post_layers": Row(1.0, 0, "an integer >= 1 (and < model.n_layers)"),
+        "ffn_geometry": Row(0, "orthogonal", "one of " + FLAVORED
+                            + "'none', 'weight_norm', 'spectral_norm', 'hyperspherical', 'ngpt'"),
+        "spectral_iters": Row("0", -1, "an integer >= 0 (0: the exact sigma every forward)"),
+        "pos_encoding": Row(0, "alibi", "one of " + FLAVORED + "'rope', 'learned', 'none'"),
+    }),
+}
+
+# NaN fails every comparison and inf passes "> 0": the float keys must refuse both.
+NON_FINITE = [
+    ("nerve", "memory_budget_gb", math.nan), ("nerve", "memory_budget_gb", math.inf),
+    ("muon", "momentum", math.nan), ("muon", "eps", math.inf), ("muon", "lr", math.inf),
+    ("muon", "weight_decay", math.nan), ("muon", "bucket_mb", math.inf), ("muon", "ns_coefficients", [3.0, math.nan, 2.0]),
+    ("variant", "leaky_slope", math.nan), ("variant", "ffn_multiplier", math.inf), ("variant", "ffn_multiplier", math.nan),
+]
+
+ROWS = [(section, key) for section, (_, _, rows) in TABLE.items() for key in rows]
+
+
+def parse_toml(tmp_path, toml: str):
+    """torchtitan's ConfigManager on a job file holding `toml`, the way `torchtitan.train` starts."""
+    from torchtitan.config import ConfigManager
+
+    job = tmp_path / "job.toml"
+    job.write_text(f'{toml}\n[job]\ncustom_config_module = "{CONFIG_MODULE}"\n')
+    return ConfigManager().parse_args(["--job.config_file", str(job)])
+
+
+def parse_value(tmp_path, section: str, key: str, value):
+    return parse_toml(tmp_path, to_toml({section: {key: value}}))
+
+
+def expected_message(section: str, key: str, value) -> str:
+    return f"[{section}] {key} = {value!r} is not allowed: expected {TABLE[section][2][key].allowed}"
+
+
+@pytest.mark.parametrize("section", TABLE)
+def test_table_has_a_row_for_every_field(section):
+    cls, _, rows = TABLE[section]
+    assert sorted(rows) == sorted(f.name for f in fields(cls)), (
+        f"every [{section}] key needs a row in TABLE (wrong type, out-of-range value, allowed values)")
+
+
+@pytest.mark.parametrize("section, key", ROWS)
+def test_wrong_type_stops_with_key_and_allowed_values(tmp_path, section, key):
+    value = TABLE[section][2][key].wrong_type
+    with pytest.raises(TABLE[section][1]) as error:
+        parse_value(tmp_path, section, key, value)
+    assert str(error.value) == expected_message(section, key, value)
+
+
+@pytest.mark.parametrize("section, key", ROWS)
+def test_out_of_range_stops_with_key_and_allowed_values(tmp_path, section, key):
+    cls, error_type, rows = TABLE[section]
+    value = rows[key].out_of_range
+    if isinstance(value, AnyOfType):
+        for ok in value.values:  # the claim that no value of the type is out of range
+            assert getattr(getattr(parse_value(tmp_path, section, key, ok), section), key) == ok
+        return
+    assert isinstance(value, type(getattr(cls(), key)) if getattr(cls(), key) is not None else float), (
+        "an out-of-range value must have the key's type, or the row tests the type twice")
+    with pytest.raises(error_type) as error:
+        parse_value(tmp_path, section, key, value)
+    assert str(error.value) == expected_message(section, key, value)
+
+
+@pytest.mark.parametrize("section, key, value", NON_FINITE)
+def test_non_finite_numbers_are_refused(tmp_path, section, key, value):
+    with pytest.raises(TABLE[section][1]) as error:
+        parse_value(tmp_path, section, key, value)
+    assert str(error.value) == expected_message(section, key, value)
+
+
+@pytest.mark.parametrize("section, key", ROWS)
+def test_unknown_key_stops_with_the_known_keys(tmp_path, section, key):
+    cls, error_type, _ = TABLE[section]
+    typo = key[:-1]  # a misspelling of a real key
+    with pytest.raises(error_type) as error:
+        parse_value(tmp_path, section, typo, 1)
+    keys = ", ".join(f.name for f in fields(cls))
+    assert str(error.value) == f"[{section}] {typo} is not a key of [{section}]: expected one of {keys}"
+
+
+@pytest.mark.parametrize("section", TABLE)
+def test_section_that_is_not_a_table_stops(tmp_path, section):
+    # torchtitan alone would drop it silently and run with the defaults
+    cls, error_type, _ = TABLE[section]
+    with pytest.raises(error_type, match=rf"^{section} = True is not allowed: expected a \[{section}\] table with keys from "
+                                          + re.escape(", ".join(f.name for f in fields(cls))) + "$"):
+        parse_toml(tmp_path, f"{section} = true\n")
+
+
+def test_valid_sections_still_parse(tmp_path):
+    config = parse_toml(tmp_path, to_toml({
+        "nerve": {"enable": True, "log_freq": 7, "layers": [0, 2], "tokens_per_rank": 2},
+        "muon": {"momentum": 0, "lr": 0.02, "ns_coefficients": [1, 2, 3]},
+        "variant": {"activation": "relu", "ffn_multiplier": 2},
+    }))
+    assert (config.nerve.enable, config.nerve.log_freq, config.nerve.layers) == (True, 7, [0, 2])
+    assert (config.muon.momentum, config.muon.lr, config.muon.ns_coefficients) == (0, 0.02, [1, 2, 3])
+    assert (config.variant.activation, config.variant.ffn_multiplier) == ("relu", 2)
+
+
+# The command line goes through tyro: it parses strings into the field's type itself, so a wrong type or an
+# unknown option is its error (exit 2, naming the option and its type); values it parses reach our checks.
+CLI = [
+    (["--nerve.log_freq", "often"], "Error parsing --nerve.log-freq: invalid literal for int()"),
+    (["--nerve.log_freq", "0"], "[nerve] log_freq = 0 is not allowed: expected an integer >= 1"),
+    (["--nerve.log_frq", "3"], "Unrecognized options: --nerve.log_frq"),
+    (["--nerve.taps", "pre,middle"], "[nerve] taps = ['pre', 'middle'] is not allowed"),
+    (["--muon.momentum", "fast"], "Error parsing --muon.momentum"),
+    (["--muon.ns_steps", "0"], "[muon] ns_steps = 0 is not allowed: expected an integer in [1, 99]"),
+    (["--variant.leaky_slope", "nan"], "[variant] leaky_slope = nan is not allowed: expected a number in [0, 1)"),
+    (["--variant.activaton", "relu"], "Unrecognized options: --variant.activaton"),
+]
+
+
+@pytest.mark.parametrize("args, message", CLI)
+def test_command_line_errors_name_the_option(monkeypatch, capsys, args, message):
+    from torchtitan.config import ConfigManager
+
+    monkeypatch.setenv("COLUMNS", "400")  # tyro's box would wrap the message
+    with pytest.raises(SystemExit) as exit_:
+        ConfigManager().parse_args(["--job.custom_config_module", CONFIG_MODULE, *args])
+    assert exit_.value.code != 0
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_every_rank_stops_at_start_up_on_its_own(tmp_path):
+    # Two ranks of torchtitan.train with the environment torchrun gives them, but no torchrun: its agent ends the
+    # other ranks as soon as one fails, which would hide a rank left waiting in a collective. Here a waiting rank
+    # would sit in the process-group rendezvous until the timeout. The bad key is an unknown one (the check
+    # torchtitan lacks); every rank reads the same file before any process group exists.
+    cfg = merge(base_config(tmp_path), {"job": {"custom_config_module": CONFIG_MODULE},
+                                        "nerve": {"enable": True, "log_frequency": 10}})
+    (tmp_path / "job.toml").write_text(to_toml(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    ranks = [subprocess.Popen([sys.executable, "-m", "torchtitan.train", "--job.config_file", str(tmp_path / "job.toml")],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    elapsed = time.monotonic() - start
+    message = "NerveConfigError: [nerve] log_frequency is not a key of [nerve]: expected one of enable, log_freq,"
+    for rank, (p, out) in enumerate(zip(ranks, outputs)):
+        assert p.returncode == 1, (rank, out[-3000:])
+        assert message in out, (rank, out[-3000:])
+        assert "step:" not in out
+    assert elapsed < 60, elapsed

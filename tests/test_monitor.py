@@ -1,0 +1,274 @@
+"""NerveMonitor's step lifecycle: overlapped solves, layer rotation, hooks only where needed, faults, memory.
+
+References are independent: activations captured by the test's own hooks, float64 numpy covariance and
+eigenvalues, the metric formulas written out here.
+"""
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nerve_plugin.solve as solve_module
+from nerve_plugin.monitor import MonitorConfig, NerveMonitor
+from nerve_plugin.taps import TapPoint, TapSpec
+from nerve_plugin.writers import JsonlWriter
+
+SPEC = TapSpec(blocks="layers", pre=TapPoint("w1", "output"), post=TapPoint("w2", "input"))
+DIM, HIDDEN, LAYERS = 8, 12, 5
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
+
+    def forward(self, x):
+        h = self.w2(torch.relu(self.w1(x)))
+        # keep the residual stream finite when a test poisons one FFN, so only that layer's statistics are hit
+        return x + torch.where(torch.isfinite(h), h, torch.zeros_like(h))
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+def batches(step):
+    g = torch.Generator().manual_seed(step)
+    return [torch.randn(3, 7, DIM, generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def reference(model, step):
+    """{(layer, tap): (tokens, eigenvalues desc)} from the test's own hooks and numpy float64."""
+    seen = {}
+    handles = []
+    for i, block in enumerate(model.layers):
+        handles.append(block.w1.register_forward_hook(lambda m, a, o, i=i: seen.setdefault((i, "pre"), []).append(o)))
+        handles.append(block.w2.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault((i, "post"), []).append(a[0])))
+    with torch.no_grad():
+        for x in batches(step):
+            model(x)
+    for h in handles:
+        h.remove()
+    out = {}
+    for key, chunks in seen.items():
+        x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).numpy().astype(np.float64)
+        if not np.isfinite(x).all():
+            continue
+        cov = np.cov(x, rowvar=False)
+        eigs = np.clip(np.sort(np.linalg.eigvalsh(cov))[::-1], 1e-12, None)
+        out[key] = (x.shape[0], eigs)
+    return out
+
+
+def metrics(eigs):
+    p = eigs / eigs.sum()
+    d = len(p)
+    se = -(p * np.log(p)).sum()
+    pr = eigs.sum() ** 2 / (eigs**2).sum()
+    eee = np.clip((np.cumsum(p) - np.arange(1, d + 1) / d).mean() / 0.5, 0, 1)
+    return se, pr, eee
+
+
+def train(model, monitor, steps, flush_at=()):
+    got = {}
+    for step in range(1, steps + 1):
+        monitor.begin_step(step)
+        for x in batches(step):
+            model(x)
+        records = monitor.end_step(step) or []
+        if step in flush_at:
+            records += monitor.flush()
+        for r in records:
+            got[(r.step, r.layer)] = (step, r)
+    for r in monitor.close():
+        got[(r.step, r.layer)] = ("close", r)
+    return got
+
+
+def assert_matches(record, ref, rel=1e-10):
+    for tap in ("pre", "post"):
+        result = getattr(record, tap)
+        tokens, eigs = ref[(record.layer, tap)]
+        assert result.tokens == tokens and result.status == "ok"
+        np.testing.assert_allclose(result.eigenvalues, eigs, rtol=rel, atol=1e-12)
+        se, pr, eee = metrics(eigs)
+        assert result.spectral_entropy == pytest.approx(se, rel=rel)
+        assert result.participation_ratio == pytest.approx(pr, rel=rel)
+        assert result.eee == pytest.approx(eee, rel=rel, abs=1e-12)
+
+
+def test_overlap_returns_each_step_at_the_next_logging_step_and_equals_sync():
+    model = Toy().double()
+    sync = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve="sync")).attach(), 7)
+    overlap = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve="overlap")).attach(), 7)
+    assert sorted(sync) == sorted(overlap) == [(s, l) for s in (1, 3, 6) for l in range(LAYERS)]
+    for key, (returned_at, record) in overlap.items():
+        # step 1 -> at step 3, step 3 -> at step 6, step 6 -> at close
+        assert returned_at == {1: 3, 3: 6, 6: "close"}[key[0]]
+        assert sync[key][0] == key[0]  # sync: at its own step
+        np.testing.assert_array_equal(record.pre.eigenvalues, sync[key][1].pre.eigenvalues)
+        assert record.js == sync[key][1].js
+    for step in (1, 3, 6):
+        ref = reference(model, step)
+        for layer in range(LAYERS):
+            assert_matches(overlap[(step, layer)][1], ref)
+
+
+def test_flush_returns_pending_before_a_checkpoint():
+    model = Toy().double()
+    got = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=2, solve="overlap")).attach(), 4, flush_at=(2,))
+    assert {key: at for key, (at, _) in got.items() if key[0] == 2} == {(2, l): 2 for l in range(LAYERS)}
+
+
+@pytest.mark.parametrize("cap", [2, 3])
+def test_rotation_measures_windows_of_layers_by_step(cap):
+    model = Toy().double()
+    config = MonitorConfig(log_freq=1, max_layers_per_step=cap)
+    monitor = NerveMonitor(model, SPEC, config).attach()
+    windows = math.ceil(LAYERS / cap)
+    got = train(model, monitor, 2 * windows)
+    seen_layers = set()
+    for step in range(1, 2 * windows + 1):
+        layers = sorted(l for (s, l) in got if s == step)
+        index = 0 if step == 1 else step
+        start = (index % windows) * cap
+        assert layers == list(range(LAYERS))[start : start + cap]
+        seen_layers.update(layers)
+        ref = reference(model, step)
+        for layer in layers:
+            assert_matches(got[(step, layer)][1], ref)
+    assert seen_layers == set(range(LAYERS))
+
+
+def test_eager_hooks_exist_only_during_logging_steps():
+    model = Toy().double()
+    monitor = NerveMonitor(model, SPEC, MonitorConfig(log_freq=2)).attach()
+    w1 = model.layers[0].w1
+    assert len(w1._forward_hooks) == 1  # attached up front, so that a compile would see them
+    monitor.begin_step(1)
+    assert len(w1._forward_hooks) == 1
+    model(batches(1)[0])
+    monitor.end_step(1)
+    assert len(w1._forward_hooks) == 0 and len(model.layers[0].w2._forward_pre_hooks) == 0
+    monitor.begin_step(2)
+    assert len(w1._forward_hooks) == 1
+    model(batches(2)[0])
+    assert len(monitor.end_step(2)) == LAYERS
+    monitor.begin_step(3)
+    assert len(w1._forward_hooks) == 0
+    monitor.close()
+
+
+def test_compiled_blocks_keep_their_hooks():
+    model = Toy().double()
+    monitor = NerveMonitor(model, SPEC, MonitorConfig(log_freq=2)).attach()
+    model.layers[0] = torch.compile(model.layers[0])  # lazily: nothing is traced until it runs
+    monitor.begin_step(3)
+    monitor.end_step(3)
+    assert len(model.layers[1].w1._forward_hooks) == 1
+    monitor.close()
+    assert len(model.layers[1].w1._forward_hooks) == 0
+
+
+def test_non_finite_layer_is_reported_and_the_others_are_exact(caplog):
+    model = Toy().double()
+    with torch.no_grad():
+        model.layers[2].w1.weight[0, 0] = math.inf
+    monitor = NerveMonitor(model, SPEC, MonitorConfig(log_freq=1)).attach()
+    with caplog.at_level(logging.WARNING):
+        got = train(model, monitor, 1)
+    bad = got[(1, 2)][1]
+    assert bad.pre.status == "non-finite statistics" and math.isnan(bad.pre.spectral_entropy)
+    assert math.isnan(bad.js)
+    assert any("layer 2 pre" in m and "non-finite" in m for m in caplog.messages)
+    ref = reference(model, 1)
+    for layer in (0, 1, 3, 4):
+        assert_matches(got[(1, layer)][1], ref)
+    line = json.loads(json.dumps(bad.to_json(), allow_nan=False))
+    assert line["pre"]["spectral_entropy"] is None and line["pre"]["status"] == "non-finite statistics"
+
+
+def test_a_failing_solver_falls_back_and_says_so(monkeypatch):
+    model = Toy().double()
+    real = solve_module.compute_sorted_eigs
+    calls = []
+
+    def flaky(cov):
+        calls.append(cov.shape[0])
+        if cov.shape[0] == HIDDEN and len(calls) == 1:
+            raise torch.linalg.LinAlgError("failed to converge")
+        return real(cov)
+
+    monkeypatch.setattr(solve_module, "compute_sorted_eigs", flaky)
+    got = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=1, layers=[0])).attach(), 1)
+    record = got[(1, 0)][1]
+    statuses = {record.pre.status, record.post.status}
+    assert any(s.startswith("fallback: svd") and "failed to converge" in s for s in statuses)
+    ref = reference(model, 1)
+    for tap in ("pre", "post"):
+        np.testing.assert_allclose(getattr(record, tap).eigenvalues, ref[(0, tap)][1], rtol=1e-9, atol=1e-12)
+
+
+def test_buffer_bytes_counts_the_rotation_window():
+    model = Toy()
+    full = NerveMonitor(model, SPEC, MonitorConfig()).buffer_bytes("cpu")
+    capped = NerveMonitor(model, SPEC, MonitorConfig(max_layers_per_step=2)).buffer_bytes("cpu")
+    per_layer = (HIDDEN**2 + HIDDEN**2) * 8  # float64 on the CPU, pre and post both HIDDEN wide
+    working = 2 * HIDDEN**2 * 8
+    assert full == LAYERS * per_layer + working
+    assert capped == 2 * per_layer + working
+    gpu = NerveMonitor(model, SPEC, MonitorConfig()).buffer_bytes("cuda")
+    assert gpu == LAYERS * per_layer // 2 + working
+
+
+def test_jsonl_truncate_from_drops_stale_steps(tmp_path):
+    path = tmp_path / "m.jsonl"
+    lines = [json.dumps({"step": s, "layer": 0}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 5, "lay')  # the last line cut by a crash
+    JsonlWriter(str(path)).truncate_from(3)
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+
+
+def test_due_solves_still_queued_are_taken_over_by_the_caller(monkeypatch):
+    import threading
+
+    gate, entered = threading.Event(), threading.Event()
+    real = solve_module.solve
+
+    def slow_in_thread(m2, count):
+        if threading.current_thread().name == "nerve-solver":
+            entered.set()
+            gate.wait(timeout=30)  # the background thread is stuck in its first solve
+        return real(m2, count)
+
+    monkeypatch.setattr(solve_module, "solve", slow_in_thread)
+    g = torch.Generator().manual_seed(3)
+    states = []
+    for i in range(3):
+        x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+        m2 = (x - x.mean(0)).T @ (x - x.mean(0))
+        states.append(((i, "pre"), 50, m2))
+    expected = {key: real(m2.clone(), count) for key, count, m2 in states}
+    solver = solve_module.BackgroundSolver()
+    job = solver.submit(solve_module.Job(7, list(states)))
+    assert entered.wait(timeout=30)
+    threading.Timer(0.5, gate.set).start()
+    results = job.finish(None)
+    solver.close()
+    assert job.taken_by_caller == 2
+    assert sorted(results) == sorted(expected)
+    for key in expected:
+        np.testing.assert_array_equal(results[key].eigenvalues, expected[key].eigenvalues)
