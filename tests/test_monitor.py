@@ -272,3 +272,28 @@ def test_due_solves_still_queued_are_taken_over_by_the_caller(monkeypatch):
     assert sorted(results) == sorted(expected)
     for key in expected:
         np.testing.assert_array_equal(results[key].eigenvalues, expected[key].eigenvalues)
+
+
+def test_tensorboard_resume_marker_hides_stale_points(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from nerve_plugin.writers import TensorBoardWriter
+
+    def writer():
+        return TensorBoardWriter.__new__(TensorBoardWriter)  # the purge marker needs no layout
+
+    first = SummaryWriter(str(tmp_path))
+    for step in range(1, 6):  # an attempt that dies after step 5, its last checkpoint at step 2
+        first.add_scalar("loss", float(step), step)
+    first.close()
+    again = SummaryWriter(str(tmp_path))  # the restart, same run directory
+    w = writer()
+    w.writer = again
+    w.truncate_from(3)
+    for step in range(3, 5):
+        again.add_scalar("loss", 10.0 + step, step)
+    again.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]

@@ -167,10 +167,15 @@ def test_resume_logs_at_the_same_steps(tmp_path):
     resumed = nerve_config(tmp_path / "resumed", overrides, nerve={"log_freq": 4})
     source = Path(full["job"]["dump_folder"]) / "checkpoint" / "step-2"
     shutil.copytree(source, Path(resumed["job"]["dump_folder"]) / "checkpoint" / "step-2")
+    # ...where an interrupted attempt had already written the JSONL of steps 1 and 4 before dying after step 4
+    jsonl = Path(resumed["job"]["dump_folder"]) / "nerve" / "metrics.jsonl"
+    jsonl.parent.mkdir(parents=True)
+    shutil.copy(Path(full["job"]["dump_folder"]) / "nerve" / "metrics.jsonl", jsonl)
     run_torchtitan(tmp_path / "resumed", resumed, nproc=1)
-    records = read_nerve(resumed)
-    assert sorted(records) == [4]
-    assert_metrics_close(records[4], read_nerve(full)[4], rel=1e-12)
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    steps = [line["step"] for line in lines]
+    assert steps == [1] * 6 + [4] * 6  # step 4 once: the stale copy was dropped, the new one written
+    assert_metrics_close({l["layer"]: l for l in lines if l["step"] == 4}, read_nerve(full)[4], rel=1e-12)
 
 
 @pytest.mark.parametrize(
