@@ -28,6 +28,9 @@ VARIANTS = {
     "overlap_cap2": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.max_layers_per_step", "2"],
     "spread": ["--nerve.enable", "--nerve.solve", "sync", "--nerve.eigen_solve", "spread"],
     "spread_overlap": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.eigen_solve", "spread"],
+    "spread_overlap_cap2": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.eigen_solve", "spread",
+                            "--nerve.max_layers_per_step", "2"],
+    "overlap_cap1": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.max_layers_per_step", "1"],
 }
 MODELS = {
     "debug": [],
@@ -67,6 +70,18 @@ def run(extra_args: list[str], steps: int, dump: str) -> tuple[list[float], int]
          "--metrics.log_freq", str(10**9), *extra_args]
     )  # fmt: skip
     cuda = torch.cuda.is_available()
+    baseline = 0
+    if cuda:
+        # Earlier runs of this process may still hold memory (their Trainer, nerve's session): measure the
+        # peak of this run above what was allocated before it.
+        import gc
+
+        from nerve_plugin.torchtitan import integration
+
+        integration._session = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        baseline = torch.cuda.memory_allocated()
     trainer = Trainer(config)
     batches = trainer.batch_generator(trainer.dataloader)
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
@@ -86,7 +101,7 @@ def run(extra_args: list[str], steps: int, dump: str) -> tuple[list[float], int]
             host.append(NERVE_HOST_TIME[0])
     finally:
         trainer.close()
-    peak = torch.cuda.max_memory_allocated() if cuda else 0
+    peak = torch.cuda.max_memory_allocated() - baseline if cuda else 0
     torch._dynamo.reset()
     RUN_HOST_TIMES.append(host)
     return times, peak
