@@ -1,16 +1,15 @@
 """The paper's model variants (nerve_plugin/variants): identity with llama3, structure, validation, and (slow)
 torchtitan's real Trainer on 2 CPU processes with FSDP and NerVE on.
 
-For the Trainer runs this module is also the job's custom import and custom config module: with
-NERVE_VARIANT_TT=1 in the environment, importing it registers "nerve_test_variant" (the nerve_llama spec with
-tt_synthetic's data, wrapped by nerve) and its ``JobConfig`` holds both [nerve] and [variant].
+For the Trainer runs this module is also the job's custom import: with NERVE_VARIANT_TT=1 in the environment,
+importing it registers "nerve_test_variant" (the nerve_llama spec with tt_synthetic's data, wrapped by nerve);
+the jobs take nerve's own JobConfig ([nerve], [muon], [variant]) as their custom config module.
 """
 
 import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,17 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nerve_plugin.torchtitan.config import Nerve
 from nerve_plugin.variants.config import Variant, VariantConfigError
 
 TT_SPEC = "nerve_test_variant"
-
-
-@dataclass
-class JobConfig:
-    nerve: Nerve = field(default_factory=Nerve)
-    variant: Variant = field(default_factory=Variant)
-
 
 if os.environ.get("NERVE_VARIANT_TT") == "1":  # inside a torchtitan worker: register the test spec
     import tt_synthetic
@@ -301,6 +292,59 @@ def test_unit_rows_after_an_optimizer_step(geometry):
         assert optimizers.optimizers[0].param_groups[1]["weight_decay"] == 0.0
 
 
+def test_ngpt_forward_by_hand():
+    """nGPT's FFN: unit rows, s_v on the gate (w1) and s_u on w3, no further constant (the normalised block
+    input already has norm sqrt(dim), the factor nGPT adds for its unit-norm inputs)."""
+    model = build(small_args(ffn_geometry="ngpt", activation="geglu"))
+    ffn = model.layers["1"].feed_forward
+    with torch.no_grad():
+        for linear in (ffn.w1, ffn.w3):
+            linear.weight_gain.uniform_(0.5, 2.0)
+    x = torch.nn.functional.rms_norm(torch.randn(2, SEQ, 256), (256,))
+    unit = lambda w: w / w.norm(dim=-1, keepdim=True)  # noqa: E731
+    gate = F.linear(x, unit(ffn.w1.weight)) * ffn.w1.weight_gain
+    want = F.linear(F.gelu(gate) * (F.linear(x, unit(ffn.w3.weight)) * ffn.w3.weight_gain), unit(ffn.w2.weight))
+    torch.testing.assert_close(ffn(x), want, rtol=1e-5, atol=1e-6)
+    assert gate.abs().max() < 10  # pre-activations of order 1, not sqrt(dim) = 16 times that
+
+
+def test_muon_gets_the_variant_rules_through_the_lr_scheduler_builder():
+    """[optimizer] name = "Muon" replaces the whole optimizer builder (ours never runs); the LR scheduler builder
+    applies the rules instead: gains in a weight_decay = 0 AdamW group, unit rows after every step, and no
+    second application when our optimizer builder already ran."""
+    from torchtitan.config.job_config import Optimizer
+
+    from nerve_plugin.torchtitan.muon import Muon as MuonSection
+    from nerve_plugin.torchtitan.muon import build_muon_optimizers
+    from nerve_plugin.variants.train_spec import build_variant_lr_schedulers
+
+    model = build(small_args(ffn_geometry="ngpt", activation="learnable_leaky_relu", n_layers=2))
+    container = build_muon_optimizers([model], Optimizer(name="Muon", lr=1e-2, weight_decay=0.1),
+                                      SimpleNamespace(tp_enabled=False), None, MuonSection(ns_dtype="float32"))
+    seen = []
+    build_variant_lr_schedulers(lambda optimizers, *a: seen.append([len(o.param_groups) for o in optimizers.optimizers]))(
+        container, None, 10)
+    build_variant_lr_schedulers(lambda *a: None)(container, None, 10)  # once per container
+    muon = container.optimizers[0]
+    assert seen == [[3]] and len(muon.param_groups) == 3
+    params = dict(model.named_parameters())
+    gains = {id(params[n]) for n in no_weight_decay(model)}
+    assert len(gains) == 2 * 2  # per block: w1's nGPT gain (non-gated: no w3) and the learned slope
+    muon_group, adamw_group, exempt = muon.param_groups
+    assert muon_group["use_muon"] and not adamw_group["use_muon"] and not exempt["use_muon"]
+    assert {id(p) for p in exempt["params"]} == gains and exempt["weight_decay"] == 0.0
+    assert adamw_group["weight_decay"] == 0.1 and not gains & {id(p) for p in adamw_group["params"]}
+    assert exempt["betas"] == adamw_group["betas"] and exempt["lr"] == adamw_group["lr"]
+    linears = _ffn_linears(model)
+    assert all(id(m.weight) in {id(p) for p in muon_group["params"]} for m in linears)
+    model(tokens()).float().square().mean().backward()
+    before = [m.weight.detach().clone() for m in linears]
+    container.step()
+    for linear, old in zip(linears, before):
+        assert not torch.equal(linear.weight, old)
+        torch.testing.assert_close(linear.weight.norm(dim=-1), torch.ones(linear.out_features), rtol=1e-6, atol=1e-6)
+
+
 def test_without_the_hook_rows_drift():
     """Guards the test above: a plain AdamW step does leave the unit sphere."""
     model = build(small_args(ffn_geometry="hyperspherical"))
@@ -440,40 +484,53 @@ FSDP = {"parallelism": {"data_parallel_shard_degree": 2}}
 TP = {"parallelism": {"data_parallel_shard_degree": 1, "tensor_parallel_degree": 2}}
 PP = {"parallelism": {"data_parallel_shard_degree": 1, "pipeline_parallel_degree": 2,
                       "pipeline_parallel_schedule": "1F1B", "pipeline_parallel_microbatch_size": 1}}
-TT_VARIANTS = {  # name: (flavor, [variant], layout, ranks of data parallelism)
-    "fsdp_gpt2": ("gpt2_debugmodel", {}, FSDP, 2),  # layernorm, gelu, learned positions, 4x width
-    "fsdp_relu_hyperspherical_mixed": ("debugmodel", {"activation": "relu", "ffn_geometry": "hyperspherical",
-                                                      "norm_placement": "mixed", "mixed_post_layers": 3}, FSDP, 2),
-    "fsdp_global_slope_spectral_normfree": ("debugmodel", {"activation": "learnable_leaky_relu",
-                                                           "learnable_slope": "global", "ffn_geometry": "spectral_norm",
-                                                           "norm": "none", "pos_encoding": "none"}, FSDP, 2),
-    "tp_geglu_layernorm": ("debugmodel", {"activation": "geglu", "norm": "layernorm", "pos_encoding": "none"}, TP, 1),
+COMPILE = {"compile": {"enable": True, "backend": "aot_eager"}}  # inductor's C++ builds take minutes on CPU
+MUON = {"optimizer": {"name": "Muon"}, "muon": {"ns_dtype": "float32"}}
+AC_FULL = {"activation_checkpoint": {"mode": "full"}}
+AC_OP = {"activation_checkpoint": {"mode": "selective", "selective_ac_option": "op"}}
+# name: (flavor, [variant], layout, ranks of data parallelism, more of the job). Compile, AC (full and op-level
+# selective) and Muon ride along with one run each rather than adding runs.
+TT_VARIANTS = {
+    # layernorm, gelu, learned positions, 4x width; torch.compile of the blocks, taps inside
+    "fsdp_gpt2_compile": ("gpt2_debugmodel", {}, FSDP, 2, COMPILE),
+    # Muon: the hyperspherical re-projection must still follow every optimizer step
+    "fsdp_relu_hyperspherical_mixed_muon": ("debugmodel", {"activation": "relu", "ffn_geometry": "hyperspherical",
+                                                           "norm_placement": "mixed", "mixed_post_layers": 3},
+                                            FSDP, 2, MUON),
+    # full AC: the SVD of the spectral norm and the model-wide slope are recomputed in backward
+    "fsdp_global_slope_spectral_normfree_acfull": ("debugmodel", {"activation": "learnable_leaky_relu",
+                                                                  "learnable_slope": "global",
+                                                                  "ffn_geometry": "spectral_norm", "norm": "none",
+                                                                  "pos_encoding": "none"}, FSDP, 2, AC_FULL),
+    # op-level selective AC (saves matmul outputs by their order) with TP
+    "tp_geglu_layernorm_acop": ("debugmodel", {"activation": "geglu", "norm": "layernorm", "pos_encoding": "none"},
+                                TP, 1, AC_OP),
     "pp_layer_slope_post_layernorm": ("debugmodel", {"activation": "learnable_leaky_relu", "norm": "layernorm",
-                                                     "norm_placement": "post"}, PP, 1),
+                                                     "norm_placement": "post"}, PP, 1, {}),
 }
 
 
-def variant_job(tmp_path, flavor, variant, layout):
+def variant_job(tmp_path, flavor, variant, layout, extra=None):
     from torchtitan_harness import base_config, merge
 
-    return merge(merge(base_config(tmp_path), {
+    return merge(merge(merge(base_config(tmp_path), {
         "experimental": {"custom_import": "test_variants"},
-        "job": {"custom_config_module": "test_variants"},
+        "job": {"custom_config_module": "nerve_plugin.torchtitan.config"},
         "model": {"name": TT_SPEC, "flavor": flavor},
         "training": {"steps": 3, "local_batch_size": 2},
         "optimizer": {"lr": 3e-3},
         "nerve": {"enable": True, "log_freq": 1},
         "variant": variant,
-    }), layout)
+    }), layout), extra or {})
 
 
 @pytest.mark.parametrize("name", list(TT_VARIANTS))
 def test_training_with_nerve(tmp_path, name):
     from torchtitan_harness import read_metrics, run_torchtitan
 
-    flavor, variant, layout, dp = TT_VARIANTS[name]
-    cfg = variant_job(tmp_path, flavor, variant, layout)
-    run_torchtitan(tmp_path, cfg, nproc=2, env={"NERVE_VARIANT_TT": "1"})
+    flavor, variant, layout, dp, extra = TT_VARIANTS[name]
+    cfg = variant_job(tmp_path, flavor, variant, layout, extra)
+    proc = run_torchtitan(tmp_path, cfg, nproc=2, env={"NERVE_VARIANT_TT": "1"})
     losses = [r["loss"] for r in read_metrics(cfg)[1 if layout is PP else 0]]  # PP: the last stage logs
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses
@@ -488,6 +545,13 @@ def test_training_with_nerve(tmp_path, name):
                 assert record[tap]["dim"] == hidden and record[tap]["tokens"] == dp * 2 * 64
                 assert math.isfinite(record[tap]["spectral_entropy"])
             assert math.isfinite(record["js"])
+    # the extra settings took effect (each leaves its own trace in the log)
+    if extra is COMPILE:
+        assert "Compiling each TransformerBlock with torch.compile" in proc.stdout
+    if extra is MUON:
+        assert "with Muon" in proc.stdout
+    if extra in (AC_FULL, AC_OP):
+        assert f"Applied {extra['activation_checkpoint']['mode']} activation checkpointing" in proc.stdout
     if variant.get("ffn_geometry") == "hyperspherical":  # the step post-hook ran on FSDP shards, every step
         for rank in (0, 1):
             rows = [json.loads(line) for line in

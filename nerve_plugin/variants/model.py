@@ -31,9 +31,12 @@ What each option builds:
   hyperspherical: every FFN weight row has unit L2 norm, projected at init and after every optimizer step (a
   step post-hook, see train_spec.py).
   ngpt: the FFN of nGPT (Loshchilov et al. 2024, sec. 2.4): hyperspherical rows plus learned per-channel
-  scalings s_v on w1 (applied inside w1, times sqrt(dim), so the tap sees the scaled pre-activation) and s_u on
-  w3 (gated FFNs), both ``weight_gain`` initialised to 1. The rest of nGPT (normalised residual updates with
-  eigen learning rates, normalised attention and embeddings, logit scaling) is NOT implemented.
+  scalings s_v on w1 (applied inside w1, so the tap sees the scaled pre-activation) and s_u on w3 (gated FFNs),
+  both ``weight_gain`` initialised to 1. nGPT multiplies s_v by sqrt(dim) because its block inputs have unit
+  norm; here they are RMS/LayerNorm-normalised (norm sqrt(dim)), which already carries that factor, so
+  s_v W1 x starts at nGPT's scale. (With the extra sqrt(dim) a norm-free model's residual stream grows ~10x per
+  block: loss 5e9 at step 1, then NaN in bf16.) The rest of nGPT (normalised residual updates with eigen
+  learning rates, normalised attention and embeddings, logit scaling) is NOT implemented.
 - pos_encoding: rope; learned = ``pos_embeddings`` (max_seq_len x dim, init N(0, 0.02)) added to the token
   embeddings; none. With learned and none the RoPE table is all ones, so torchtitan's attention rotates by 1
   (an exact identity) and stays unchanged.
@@ -46,7 +49,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -164,12 +166,11 @@ def _full(weight: torch.Tensor) -> torch.Tensor:
 class FFNLinear(nn.Linear):
     """A bias-free Linear whose effective weight follows an ffn_geometry. ``weight`` keeps its name and shape."""
 
-    def __init__(self, in_features: int, out_features: int, geometry: str, out_scale: float = 1.0,
-                 gain: bool = False, spectral_iters: int = 0):
+    def __init__(self, in_features: int, out_features: int, geometry: str, gain: bool = False,
+                 spectral_iters: int = 0):
         super().__init__(in_features, out_features, bias=False)
         self.geometry = geometry
         self.spectral_iters = spectral_iters
-        self.out_scale = out_scale  # ngpt: the constant sqrt(dim) of s_v
         if geometry == "weight_norm" or gain:
             self.weight_gain = nn.Parameter(torch.ones(out_features))
         if geometry == "spectral_norm" and spectral_iters > 0:
@@ -225,7 +226,7 @@ class FFNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.effective_weight())
         if self.geometry == "ngpt" and hasattr(self, "weight_gain"):
-            out = out * (self.weight_gain * self.out_scale)
+            out = out * self.weight_gain
         return out
 
 
@@ -247,8 +248,7 @@ class VariantFeedForward(FeedForward):
         if self.geometry != "none" or not self.gated:
             ngpt = self.geometry == "ngpt"
             iters = args.spectral_iters
-            self.w1 = FFNLinear(args.dim, hidden, self.geometry, out_scale=math.sqrt(args.dim), gain=ngpt,
-                                spectral_iters=iters)
+            self.w1 = FFNLinear(args.dim, hidden, self.geometry, gain=ngpt, spectral_iters=iters)
             self.w2 = FFNLinear(hidden, args.dim, self.geometry, spectral_iters=iters)
             if self.gated:
                 self.w3 = FFNLinear(args.dim, hidden, self.geometry, gain=ngpt, spectral_iters=iters)

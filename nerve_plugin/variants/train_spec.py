@@ -3,20 +3,24 @@
 - ``model_cls``: ``VariantTransformer``; ``model_args``: torchtitan's llama3 flavors (as ``VariantArgs``, with
   llama3's choices, so that with no [variant] key set the model is llama3's), plus GPT-2-style flavors
   (layernorm, gelu, learned absolute positions, FFN hidden = 4 x dim; no linear biases, untied embeddings:
-  torchtitan's llama3 skeleton otherwise) ``gpt2_debugmodel`` (llama3 debugmodel's sizes), ``gpt2_small``
-  (124M sizes), ``gpt2_medium``, ``gpt2_large``, ``gpt2_xl``.
+  torchtitan's llama3 skeleton otherwise) ``gpt2_debugmodel`` (llama3 debugmodel's sizes), ``gpt2_mini``
+  (dim 384, 8 blocks of 6 heads, nerve's 2048-token vocabulary: ~16M parameters, the size of the experiment
+  configs in train_configs/), ``gpt2_small`` (124M sizes), ``gpt2_medium``, ``gpt2_large``, ``gpt2_xl``.
 - ``parallelize_fn``: llama3's, after checking that the variant is supported under the job's parallelism;
   otherwise the run stops at start-up naming the key and the parallelism.
-- ``build_optimizers_fn``: llama3's, then (a) the variant's gains (``weight_gain``, ``leaky_slope``) move to a
-  param group with weight_decay = 0 in each Adam/AdamW optimizer, (b) with ffn_geometry = hyperspherical/ngpt a
-  step post-hook re-projects the FFN weight rows to unit norm after every optimizer step.
+- ``build_optimizers_fn``: llama3's, then the variant's optimizer rules: (a) the variant's gains
+  (``weight_gain``, ``leaky_slope``) move to a param group with weight_decay = 0, (b) with ffn_geometry =
+  hyperspherical/ngpt a step post-hook re-projects the FFN weight rows to unit norm after every optimizer step.
+- ``build_lr_schedulers_fn``: llama3's, after applying the same rules to a container that an outer builder made
+  (nerve's Muon replaces the whole optimizer builder for ``[optimizer] name = "Muon"``, so ours never runs
+  there). torchtitan's Trainer builds the schedulers right after the optimizers, before any step, and the
+  schedulers must see the final param groups. The rules run once per container.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torchtitan.models.llama3 import get_train_spec as llama3_train_spec
 from torchtitan.models.llama3 import llama3_args
 from torchtitan.protocols.train_spec import TrainSpec
@@ -28,6 +32,7 @@ from .model import VariantArgs, VariantTransformer, hyperspherical_linears, no_w
 _GPT2 = dict(activation="gelu", norm="layernorm", pos_encoding="learned", ffn_multiplier=4.0)
 GPT2_FLAVORS = {
     "gpt2_debugmodel": dict(dim=256, n_layers=6, n_heads=16, vocab_size=2048, max_seq_len=1024),
+    "gpt2_mini": dict(dim=384, n_layers=8, n_heads=6, vocab_size=2048, max_seq_len=1024),
     "gpt2_small": dict(dim=768, n_layers=12, n_heads=12, vocab_size=50257, max_seq_len=1024),
     "gpt2_medium": dict(dim=1024, n_layers=24, n_heads=16, vocab_size=50257, max_seq_len=1024),
     "gpt2_large": dict(dim=1280, n_layers=36, n_heads=20, vocab_size=50257, max_seq_len=1024),
@@ -92,34 +97,55 @@ def parallelize_variant(parallelize_fn):
 
 
 def split_weight_decay(optimizers, model_parts) -> int:
-    """Move the variant gains of every Adam/AdamW optimizer into a weight_decay = 0 group; returns how many."""
+    """Move the variant gains out of every param group that decays them, into a copy of that group with
+    weight_decay = 0 (AdamW's groups, and the AdamW groups of Muon); returns how many moved."""
     moved = 0
     for optimizer, part in zip(optimizers, model_parts):
-        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) or len(optimizer.param_groups) != 1:
-            continue
         names = set(no_weight_decay(part))
         exempt = {id(p) for n, p in part.named_parameters() if n in names}
-        group = optimizer.param_groups[0]
-        if not exempt or group["weight_decay"] == 0:
+        if not exempt:
             continue
-        keep = [p for p in group["params"] if id(p) not in exempt]
-        gains = [p for p in group["params"] if id(p) in exempt]
-        group["params"] = keep
-        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": gains,
-                                   "weight_decay": 0.0})
-        moved += len(gains)
+        for group in list(optimizer.param_groups):
+            gains = [p for p in group["params"] if id(p) in exempt]
+            if not gains or group.get("weight_decay", 0) == 0:
+                continue
+            keep = [p for p in group["params"] if id(p) not in exempt]
+            if not keep:  # nothing else in the group: no new group needed
+                group["weight_decay"] = 0.0
+            else:
+                group["params"] = keep
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": gains,
+                                           "weight_decay": 0.0})
+            moved += len(gains)
     return moved
+
+
+def apply_variant_rules(optimizers) -> None:
+    """Weight-decay exemption of the gains and hyperspherical re-projection, once per optimizers container."""
+    if getattr(optimizers, "_nerve_variant_rules", False):
+        return
+    optimizers._nerve_variant_rules = True
+    model_parts = optimizers.model_parts
+    inner = list(getattr(optimizers, "optimizers", [optimizers]))
+    if len(inner) == len(model_parts):
+        split_weight_decay(inner, model_parts)
+    if any(hyperspherical_linears(part) for part in model_parts):
+        optimizers.register_step_post_hook(lambda *a, **k: project_hyperspherical(model_parts))
 
 
 def build_variant_optimizers(build_optimizers_fn):
     def build(model_parts, optimizer_config, parallel_dims, *args, **kwargs):
         optimizers = build_optimizers_fn(model_parts, optimizer_config, parallel_dims, *args, **kwargs)
-        inner = list(getattr(optimizers, "optimizers", [optimizers]))
-        if len(inner) == len(model_parts):
-            split_weight_decay(inner, model_parts)
-        if any(hyperspherical_linears(part) for part in model_parts):
-            optimizers.register_step_post_hook(lambda *a, **k: project_hyperspherical(model_parts))
+        apply_variant_rules(optimizers)
         return optimizers
+
+    return build
+
+
+def build_variant_lr_schedulers(build_lr_schedulers_fn):
+    def build(optimizers, *args, **kwargs):
+        apply_variant_rules(optimizers)  # a no-op when our optimizer builder made the container
+        return build_lr_schedulers_fn(optimizers, *args, **kwargs)
 
     return build
 
@@ -132,4 +158,5 @@ def get_train_spec() -> TrainSpec:
         model_args=variant_flavors(),
         parallelize_fn=parallelize_variant(base.parallelize_fn),
         build_optimizers_fn=build_variant_optimizers(base.build_optimizers_fn),
+        build_lr_schedulers_fn=build_variant_lr_schedulers(base.build_lr_schedulers_fn),
     )
