@@ -158,13 +158,15 @@ def event_file_tags(cfg):
 
 def test_resume_logs_at_the_same_steps(tmp_path):
     overrides = {"training": {"steps": 5}, "checkpoint": {"enable": True, "interval": 2, "last_save_model_only": False}}
-    full = nerve_config(tmp_path / "full", overrides, nerve={"log_freq": 4})
+    # overlapped solves: step 1's records arrive at step 4, and step 4's are flushed before its checkpoint
+    nerve = {"log_freq": 4, "solve": "overlap"}
+    full = nerve_config(tmp_path / "full", overrides, nerve=nerve)
     run_torchtitan(tmp_path / "full", full, nproc=1)
     assert sorted(read_nerve(full)) == [1, 4]
 
     # A second job resumes from the first one's step-2 checkpoint: it must log step 4 (not its own second
     # step) and measure exactly what the uninterrupted run measured there.
-    resumed = nerve_config(tmp_path / "resumed", overrides, nerve={"log_freq": 4})
+    resumed = nerve_config(tmp_path / "resumed", overrides, nerve=nerve)
     source = Path(full["job"]["dump_folder"]) / "checkpoint" / "step-2"
     shutil.copytree(source, Path(resumed["job"]["dump_folder"]) / "checkpoint" / "step-2")
     # ...where an interrupted attempt had already written the JSONL of steps 1 and 4 before dying after step 4

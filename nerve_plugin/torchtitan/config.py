@@ -60,10 +60,12 @@ class Nerve:
     seed: int = 0
     """Seed of the token sub-sampling."""
 
-    solve: str = "overlap"
-    """When the float64 eigen-solves run: "overlap" (on a host thread while the next steps train; a logging
-    step's records are written at the next logging step, before a checkpoint and at the end, with their own
-    step) or "sync" (at the logging step, on the statistics' device; training waits)."""
+    solve: str = "sync"
+    """When the float64 eigen-solves run: "sync" (at the logging step, on the statistics' device; training
+    waits) or "overlap" (on a host thread while the next steps train; a logging step's records are written at
+    the next logging step, before a checkpoint and at the end, with their own step; solves still queued when
+    due run on the GPU then). Overlap pays off when the host finishes the solves within log_freq steps: pair it
+    with max_layers_per_step on large models (README, Performance)."""
 
     max_layers_per_step: int = 0
     """Measure at most this many layers per logging step, rotating through them (layer l at every
