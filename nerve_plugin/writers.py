@@ -33,6 +33,28 @@ def record_scalars(record: LayerRecord) -> dict[str, float]:
     return out
 
 
+def format_layer_table(records: list[dict]) -> list[str]:
+    """Header, rule and one row per layer: SE, PR and EEE as pre -> post, then JS, from JSON-shaped records
+    (``LayerRecord.to_json``, the analyzer's ``to_dict``). A tap, metric or JS that is missing or null (a
+    failed layer) prints as "-"."""
+
+    def value(tap: dict | None, metric: str, fmt: str) -> str:
+        return "-" if not tap or tap.get(metric) is None else format(tap[metric], fmt)
+
+    def pair(record: dict, metric: str, fmt: str) -> str:
+        return f"{value(record.get('pre'), metric, fmt):>8} -> {value(record.get('post'), metric, fmt):<8}"
+
+    header = f"{'layer':>5}  {'spectral entropy':^20}  {'participation ratio':^20}  {'EEE':^20}  {'JS':>7}"
+    lines = [header, "-" * len(header)]
+    for r in sorted(records, key=lambda r: r["layer"]):
+        js = f"{r['js']:7.4f}" if r.get("js") is not None else f"{'-':>7}"
+        lines.append(
+            f"{r['layer']:>5}  {pair(r, 'spectral_entropy', '.3f')}  {pair(r, 'participation_ratio', '.1f')}  "
+            f"{pair(r, 'eee', '.3f')}  {js}"
+        )
+    return lines
+
+
 def custom_scalars_layout(taps: Sequence[str] = TAPS) -> dict:
     """One chart per metric and tap holding every layer, so depth trends read at a glance."""
     charts = {}

@@ -41,3 +41,15 @@ def test_format_table_rows():
     table = format_table([record], 7).splitlines()
     assert table[0] == "step 7 (pre -> post)"
     assert table[-1].split() == ["3", "1.235", "->", "2.000", "10.0", "->", "20.0", "0.500", "->", "0.250", "0.0123"]
+
+
+def test_format_table_shows_a_failed_tap_as_a_dash():
+    # a tap with non-finite statistics has null metrics in the JSONL (and no JS)
+    record = {
+        "layer": 2,
+        "pre": {"spectral_entropy": None, "participation_ratio": None, "eee": None, "status": "non-finite statistics"},
+        "post": {"spectral_entropy": 2.0, "participation_ratio": 20.0, "eee": 0.25},
+        "js": None,
+    }
+    row = format_table([record], 7).splitlines()[-1].split()
+    assert row == ["2", "-", "->", "2.000", "-", "->", "20.0", "-", "->", "0.250", "-"]

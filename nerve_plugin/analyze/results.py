@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from ..monitor import TapResult
+from ..writers import format_layer_table
 
 METRICS = ("spectral_entropy", "participation_ratio", "eee")
 METRIC_LABELS = {"spectral_entropy": "SE", "participation_ratio": "PR", "eee": "EEE", "js": "JS"}
@@ -78,22 +79,10 @@ class AnalysisResults:
 
 
 def format_summary(results: AnalysisResults) -> str:
-    def pair(result: LayerResult, metric: str, fmt: str) -> str:
-        return f"{format(getattr(result.pre, metric), fmt):>8} -> {format(getattr(result.post, metric), fmt):<8}"
-
-    header = (f"{'layer':>5}  {'spectral entropy':^20}  {'participation ratio':^20}  {'EEE':^20}  {'JS':>7}")
-    dims = sorted({r.pre.eigenvalues.shape[0] for r in results.layers})
-    lines = [
-        f"NerVE: {results.model} ({results.architecture} layout), {results.tokens} tokens, "
-        f"FFN width {', '.join(map(str, dims))} (pre -> post)",
-        header,
-        "-" * len(header),
-    ]
-    for r in results.layers:
-        js = f"{r.js:7.4f}" if r.js is not None else f"{'-':>7}"
-        lines.append(f"{r.layer:>5}  {pair(r, 'spectral_entropy', '.3f')}  "
-                     f"{pair(r, 'participation_ratio', '.1f')}  {pair(r, 'eee', '.3f')}  {js}")
-    return "\n".join(lines)
+    dims = sorted({r.pre.dim for r in results.layers})
+    title = (f"NerVE: {results.model} ({results.architecture} layout), {results.tokens} tokens, "
+             f"FFN width {', '.join(map(str, dims))} (pre -> post)")
+    return "\n".join([title, *format_layer_table([r.to_dict(spectrum_points=0) for r in results.layers])])
 
 
 def print_summary(results: AnalysisResults) -> None:

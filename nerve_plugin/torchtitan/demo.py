@@ -19,6 +19,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from nerve_plugin.writers import format_layer_table
+
 PROGRESS = re.compile(r"(step:\s*\d+\s+loss|nerve step|Training starts|Training completed)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -99,22 +101,7 @@ def print_summary(dump: Path) -> None:
 
 
 def format_table(records: list[dict], step: int) -> str:
-    def pair(record, metric, fmt):
-        pre, post = record.get("pre"), record.get("post")
-        left = format(pre[metric], fmt) if pre else "-"
-        right = format(post[metric], fmt) if post else "-"
-        return f"{left:>8} -> {right:<8}"
-
-    header = f"{'layer':>5}  {'spectral entropy':^20}  {'participation ratio':^20}  {'EEE':^20}  {'JS':>7}"
-    lines = [f"step {step} (pre -> post)", header, "-" * len(header)]
-    for r in sorted(records, key=lambda r: r["layer"]):
-        js = f"{r['js']:7.4f}" if "js" in r else f"{'-':>7}"
-        lines.append(
-            f"{r['layer']:>5}  {pair(r, 'spectral_entropy', '.3f')}  {pair(r, 'participation_ratio', '.1f')}  "
-            f"{pair(r, 'eee', '.3f')}  {js}"
-        )
-    return "\n".join(lines)
-
+    return "\n".join([f"step {step} (pre -> post)", *format_layer_table(records)])
 
 if __name__ == "__main__":
     sys.exit(main())
