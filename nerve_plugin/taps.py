@@ -65,6 +65,9 @@ class TapSpec:
     pre: TapPoint
     post: TapPoint
 
+    def point(self, tap: str) -> TapPoint:
+        return self.pre if tap == "pre" else self.post
+
 
 # torchtitan 0.2.2 dense SwiGLU FFN: w2(silu(w1(x)) * w3(x)). Pre is the gate's pre-activation w1(x); post is
 # w2's input. MoE blocks of llama4/qwen3 have no feed_forward and are skipped.
@@ -77,6 +80,25 @@ _TORCHTITAN_DENSE = TapSpec(
 BUILTIN_SPECS: dict[str, TapSpec] = {
     name: _TORCHTITAN_DENSE for name in ("llama3", "llama4", "qwen3", "nerve_llama")
 }
+
+
+def tap_points(
+    model: nn.Module, spec: TapSpec, layers: Iterable[int] | None = None, taps: Iterable[str] = TAPS
+) -> dict[tuple[int, str], nn.Module]:
+    """{(global layer, tap): module} for the blocks (of ``layers``, None: all) that have both taps."""
+    wanted = None if layers is None else set(layers)
+    taps = tuple(taps)
+    points = {}
+    for layer, block in find_blocks(model, spec):
+        if wanted is not None and layer not in wanted:
+            continue
+        pre, post = find_module(block, spec.pre.module), find_module(block, spec.post.module)
+        if pre is None or post is None:
+            continue  # e.g. an MoE block in a model whose dense blocks carry the FFN
+        for tap, module in (("pre", pre), ("post", post)):
+            if tap in taps:
+                points[(layer, tap)] = module
+    return points
 
 
 def canonical_name(name: str) -> str:
@@ -193,18 +215,8 @@ class FFNTaps:
         taps = tuple(taps)
         if not taps or any(t not in TAPS for t in taps):
             raise ValueError(f"taps must be a non-empty subset of {TAPS}, got {taps}")
-        wanted = None if layers is None else set(layers)
-        self._points: dict[tuple[int, str], nn.Module] = {}
-        for layer, block in find_blocks(model, spec):
-            if wanted is not None and layer not in wanted:
-                continue
-            pre, post = find_module(block, spec.pre.module), find_module(block, spec.post.module)
-            if pre is None or post is None:
-                continue  # e.g. an MoE block in a model whose dense blocks carry the FFN
-            for tap, module in (("pre", pre), ("post", post)):
-                if tap in taps:
-                    self._points[(layer, tap)] = module
-        if not self._points and wanted is None:
+        self._points = tap_points(model, spec, layers, taps)
+        if not self._points and layers is None:
             raise ValueError(
                 f"tap spec found no FFN: no block under {spec.blocks!r} has both "
                 f"{spec.pre.module!r} and {spec.post.module!r}"
@@ -223,7 +235,7 @@ class FFNTaps:
         if self._handles:
             return self
         for (layer, tap), module in self._points.items():
-            capture = (self.spec.pre if tap == "pre" else self.spec.post).capture
+            capture = self.spec.point(tap).capture
             attr = _SLOT_ATTR[capture]
             if getattr(module, attr, None) is not None:
                 raise RuntimeError(f"layer {layer} {tap}: module is already tapped (remove the other taps first)")
@@ -241,7 +253,7 @@ class FFNTaps:
         for handle in self._handles:
             handle.remove()
         for (layer, tap), module in self._points.items():
-            capture = (self.spec.pre if tap == "pre" else self.spec.post).capture
+            capture = self.spec.point(tap).capture
             if hasattr(module, _SLOT_ATTR[capture]):
                 delattr(module, _SLOT_ATTR[capture])
         self.disarm()
@@ -290,7 +302,7 @@ class FFNTaps:
         """The (global) feature dimension of each tap, from its module's weight: the size of its D x D buffers."""
         out = {}
         for (layer, tap), module in self._points.items():
-            capture = (self.spec.pre if tap == "pre" else self.spec.post).capture
+            capture = self.spec.point(tap).capture
             dim = _feature_dim(module, capture)
             if dim is not None:
                 out[(layer, tap)] = dim

@@ -2,8 +2,7 @@
 
 The training taps (``nerve_plugin.taps.FFNTaps``) count every row of a forward; offline analysis must leave
 out padding, so each forward here carries a token mask. Nothing is compiled or distributed offline, so these
-are plain hooks; module resolution and statistics are the core's (``find_blocks``/``find_module``,
-``CovarianceStats``).
+are plain hooks; module resolution and statistics are the core's (``tap_points``, ``CovarianceStats``).
 """
 
 from __future__ import annotations
@@ -12,21 +11,16 @@ import torch
 from torch import nn
 
 from ..stats import CovarianceStats
-from ..taps import TAPS, TapSpec, find_blocks, find_module
+from ..taps import TAPS, TapSpec, tap_points
 
 
 def resolve_points(model: nn.Module, spec: TapSpec, layers=None) -> dict[tuple[int, str], tuple[str, nn.Module]]:
     """{(layer, "pre"|"post"): (module path, module)} for every block that has both taps."""
     wanted = None if layers is None else set(layers)
-    points = {}
-    for layer, block in find_blocks(model, spec):
-        if wanted is not None and layer not in wanted:
-            continue
-        pre, post = find_module(block, spec.pre.module), find_module(block, spec.post.module)
-        if pre is None or post is None:
-            continue
-        points[(layer, "pre")] = (f"{spec.blocks}.{layer}.{spec.pre.module}", pre)
-        points[(layer, "post")] = (f"{spec.blocks}.{layer}.{spec.post.module}", post)
+    points = {
+        key: (f"{spec.blocks}.{key[0]}.{spec.point(key[1]).module}", module)
+        for key, module in tap_points(model, spec, layers).items()
+    }
     if wanted is not None and wanted - {layer for layer, _ in points}:
         missing = sorted(wanted - {layer for layer, _ in points})
         raise ValueError(f"layers {missing} are not FFN blocks of this model (it has "
@@ -54,7 +48,7 @@ class MaskedCapture:
     def __enter__(self) -> "MaskedCapture":
         for key in self.keys:
             _, module = self.points[key]
-            if (self.spec.pre if key[1] == "pre" else self.spec.post).capture == "output":
+            if self.spec.point(key[1]).capture == "output":
                 hook = module.register_forward_hook(lambda m, args, out, key=key: self._fold(key, out))
             else:
                 hook = module.register_forward_pre_hook(lambda m, args, key=key: self._fold(key, args[0]))
