@@ -16,11 +16,10 @@ The loop owns the step: ``begin_step`` arms the taps on logging steps (step 1 an
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 
 from torch import nn
 
-from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups
+from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
 from .taps import TapPoint, TapSpec
 from .writers import JsonlWriter, TensorBoardWriter
 
@@ -112,14 +111,9 @@ class NerveLoop:
     def _write(self, records: list[LayerRecord]) -> None:
         if self._writers is None:
             self._writers = self._build_writers()
-        # Records carry their own step: with deferred solves they may belong to an earlier step than the
-        # one that returned them, and TensorBoard must plot them there.
-        by_step: dict[int, list[LayerRecord]] = defaultdict(list)
-        for record in records:
-            by_step[record.step].append(record)
-        for step in sorted(by_step):
+        for step, step_records in records_by_step(records).items():
             for writer in self._writers:
-                writer.write(step, by_step[step])
+                writer.write(step, step_records)
 
     def _build_writers(self) -> list:
         writers = []

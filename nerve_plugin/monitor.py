@@ -127,6 +127,15 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def records_by_step(records: list[LayerRecord]) -> dict[int, list[LayerRecord]]:
+    """{step: its records}, steps ascending. Records carry their own step: overlapped solves return those of an
+    earlier step, which must be written (and plotted) there."""
+    by_step: dict[int, list[LayerRecord]] = {}
+    for record in sorted(records, key=lambda r: r.step):
+        by_step.setdefault(record.step, []).append(record)
+    return by_step
+
+
 def _log_spaced_spectrum(eigs: np.ndarray, points: int) -> dict:
     """Eigenvalues at log-spaced ranks: enough to redraw the spectrum on a log-log plot, small enough for JSONL."""
     d = eigs.shape[0]
@@ -168,6 +177,7 @@ class NerveMonitor:
             for part in self.parts
         ]
         self._armed_step: int | None = None
+        self._selected: set[int] = set()  # the armed step's layers
         self._attached = False
         self._hooks_on_demand: bool | None = None  # decided at the first step: eager models hook per logging step
         self._pending: list[Job] = []
@@ -187,10 +197,6 @@ class NerveMonitor:
     @property
     def layers(self) -> list[int]:
         return sorted({layer for t in self.taps for layer in t.layers})
-
-    @property
-    def hooks_attached(self) -> bool:
-        return any(t.attached for t in self.taps)
 
     def attach(self) -> "NerveMonitor":
         """Register the hooks now: before ``torch.compile`` wraps the blocks, so compiled graphs include them.

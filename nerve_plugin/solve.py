@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .spectrum import compute_sorted_eigs
+from .stats import covariance_from_m2
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ class Solved:
     eigenvalues: np.ndarray | None  # float64, descending, clamped; None when no exact spectrum exists
     status: str = "ok"  # "ok", "fallback: <path>", "non-finite statistics", "failed: <error>"
     dim: int = 0
-
-
-def covariance_from_m2(m2: torch.Tensor, count: int) -> torch.Tensor:
-    """The unbiased covariance M2 / (n - 1) in float64, symmetrised (M2 is summed in ways that are not
-    bitwise symmetric)."""
-    m2 = m2.to(torch.float64)
-    return 0.5 * (m2 + m2.T) / (count - 1)
 
 
 def solve(m2: torch.Tensor, count: int) -> Solved:

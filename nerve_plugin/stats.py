@@ -124,8 +124,7 @@ class CovarianceStats:
         """The unbiased covariance M2 / (n - 1), float64."""
         if self.count < 2:
             raise ValueError(f"covariance needs at least 2 rows, have {self.count}")
-        m2 = self.m2.to(torch.float64)
-        return 0.5 * (m2 + m2.T) / (self.count - 1)
+        return covariance_from_m2(self.m2, self.count)
 
     def _gram_dtype(self, rows: torch.Tensor) -> torch.dtype:
         if rows.is_cuda and rows.dtype in _LOW_PRECISION:
@@ -146,6 +145,13 @@ class CovarianceStats:
                     _addmm_fp32_out(self.m2, chunk)
             else:
                 self.m2.addmm_(chunk.T.to(self.accumulate_dtype), chunk.to(self.accumulate_dtype))
+
+
+def covariance_from_m2(m2: torch.Tensor, count: int) -> torch.Tensor:
+    """The unbiased covariance M2 / (n - 1) in float64, symmetrised (M2 is summed in ways that are not
+    bitwise symmetric)."""
+    m2 = m2.to(torch.float64)
+    return 0.5 * (m2 + m2.T) / (count - 1)
 
 
 def _column_sums(x: torch.Tensor, square: bool = False) -> torch.Tensor:

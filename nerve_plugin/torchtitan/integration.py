@@ -33,7 +33,7 @@ from torchtitan.components.metrics import MetricsProcessor, TensorBoardLogger, b
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 from torchtitan.tools.logging import logger
 
-from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups
+from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
 from nerve_plugin.taps import BUILTIN_SPECS
 from nerve_plugin.torchtitan import muon
 from nerve_plugin.torchtitan.config import NerveConfigError
@@ -85,7 +85,7 @@ class NerveSession:
             seed=self.config.seed,
             solve=self.config.solve,
             max_layers_per_step=self.config.max_layers_per_step,
-            model_layers=getattr(model_args, "n_layers", None),
+            model_layers=depth,
             solver_threads=self.config.solver_threads,
         )
         self.groups = ParallelGroups(
@@ -130,14 +130,15 @@ class NerveSession:
         if need <= budget:
             return
         dims = sorted({d for t in self.monitor.taps for d in t.dims().values()})
-        per_layer = need / max(1, len(self.monitor.selected_layers(1)))
+        measured = len(self.monitor.selected_layers(1))
+        per_layer = need / max(1, measured)
         fits = int(budget // per_layer) if per_layer else 0
         hint = f"set [nerve] max_layers_per_step = {fits} (layers rotate over logging steps)" if fits >= 1 else (
             "measure one tap (taps), sub-sample fewer layers (layers)"
         )
         raise NerveConfigError(
             f"[nerve] memory_budget_gb = {self.config.memory_budget_gb} is too small: one logging step needs "
-            f"{need / 2**30:.2f} GiB of covariance buffers on this rank ({len(self.monitor.selected_layers(1))} "
+            f"{need / 2**30:.2f} GiB of covariance buffers on this rank ({measured} "
             f"layers x {len(self.config.taps)} taps at D = {dims}); {hint}, or raise memory_budget_gb"
         )
 
@@ -179,11 +180,8 @@ class NerveSession:
             records = (records or []) + self.monitor.flush()
         if records is None or torch.distributed.get_rank() != self.groups.report_rank:
             return
-        by_step: dict[int, list[LayerRecord]] = {}
-        for record in records:
-            by_step.setdefault(record.step, []).append(record)
-        for logged_step in sorted(by_step):
-            self._write(logged_step, by_step[logged_step], metrics_processor)
+        for logged_step, step_records in records_by_step(records).items():
+            self._write(logged_step, step_records, metrics_processor)
 
     def _flush_due(self, step: int) -> bool:
         checkpoint = self.job_config.checkpoint

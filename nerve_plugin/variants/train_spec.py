@@ -25,7 +25,6 @@ from torchtitan.models.llama3 import get_train_spec as llama3_train_spec
 from torchtitan.models.llama3 import llama3_args
 from torchtitan.protocols.train_spec import TrainSpec
 
-from . import SPEC_NAME
 from .model import VariantArgs, VariantTransformer, hyperspherical_linears, no_weight_decay, project_hyperspherical
 
 
