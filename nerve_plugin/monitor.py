@@ -403,17 +403,9 @@ class NerveMonitor:
         by_layer: dict[int, LayerRecord] = {}
         for (layer, tap), solved in sorted(merged.items()):
             record = by_layer.setdefault(layer, LayerRecord(step=step, layer=layer))
-            setattr(record, tap, _tap_result(solved))
+            setattr(record, tap, tap_result(solved))
         for record in by_layer.values():
-            pre, post = record.pre, record.post
-            if pre is None or post is None or pre.dim != post.dim:
-                continue
-            if pre.status.startswith(("non-finite", "failed")) or post.status.startswith(("non-finite", "failed")):
-                record.js = math.nan
-            else:
-                record.js = compute_js(
-                    normalize_eigs(torch.from_numpy(pre.eigenvalues)), normalize_eigs(torch.from_numpy(post.eigenvalues))
-                )
+            record.js = pair_js(record.pre, record.post)
         return [by_layer[layer] for layer in sorted(by_layer)]
 
     # -- memory -----------------------------------------------------------------------------------------------
@@ -436,7 +428,18 @@ class NerveMonitor:
         return window + working
 
 
-def _tap_result(solved: Solved) -> TapResult:
+def pair_js(pre: TapResult | None, post: TapResult | None) -> float | None:
+    """JS(p_pre || p_post): None without both taps or when their dimensions differ, NaN when one has no
+    spectrum (its statistics were non-finite or every solve failed)."""
+    if pre is None or post is None or pre.dim != post.dim:
+        return None
+    if not len(pre.eigenvalues) or not len(post.eigenvalues):
+        return math.nan
+    return compute_js(normalize_eigs(torch.from_numpy(pre.eigenvalues)), normalize_eigs(torch.from_numpy(post.eigenvalues)))
+
+
+def tap_result(solved: Solved) -> TapResult:
+    """The metrics of one solved spectrum; NaN metrics, and the reason in ``status``, when there is none."""
     if solved.eigenvalues is None:
         nan = math.nan
         return TapResult(solved.count, nan, nan, nan, np.zeros(0), dim=solved.dim, status=solved.status)

@@ -303,7 +303,7 @@ class FFNTaps:
         out = {}
         for (layer, tap), module in self._points.items():
             capture = self.spec.point(tap).capture
-            dim = _feature_dim(module, capture)
+            dim = feature_dim(module, capture)
             if dim is not None:
                 out[(layer, tap)] = dim
         return out
@@ -345,16 +345,19 @@ class FFNTaps:
         return chosen.sort().values
 
 
-def _feature_dim(module: nn.Module, capture: str) -> int | None:
-    # nn.Linear keeps its logical sizes under TP (DTensor weights) and FSDP; other modules: the weight's shape
-    # as a Linear stores it ([out, in]), or the Conv1D layout of GPT-2 ([in, out]) is the caller's concern.
+def feature_dim(module: nn.Module, capture: str) -> int | None:
+    """The width of a module's output ("output") or input ("input") activation, from its weight; None if it
+    cannot be told. nn.Linear keeps its logical sizes under TP (DTensor weights) and FSDP."""
     name = "out_features" if capture == "output" else "in_features"
     if isinstance(getattr(module, name, None), int):
         return getattr(module, name)
     weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return int(weight.shape[0] if capture == "output" else weight.shape[1])
-    return None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    out_dim, in_dim = weight.shape
+    if type(module).__name__ == "Conv1D":  # HuggingFace's GPT-2 Conv1D keeps its weight as [in, out]
+        out_dim, in_dim = in_dim, out_dim
+    return int(out_dim if capture == "output" else in_dim)
 
 
 def _gather_columns(rows: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -21,8 +21,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..monitor import TapResult
-from ..spectrum import compute_js, compute_sorted_eigs, normalize_eigs, spectrum_metrics_from_eigs
+from ..monitor import pair_js, tap_result
+from ..solve import solve
+from ..taps import feature_dim
 from .architectures import ARCHITECTURES, Architecture, detect, register
 from .capture import MaskedCapture, resolve_points
 from .results import AnalysisResults, LayerResult
@@ -132,16 +133,9 @@ class NerVEAnalyzer:
                 if stats is None:
                     raise RuntimeError(f"layer {layer} {tap}: the hooked module {self.points[(layer, tap)][0]!r} "
                                        "never ran; does the forward function run the model?")
-                eigs = compute_sorted_eigs(stats.covariance()).cpu()
-                metrics = spectrum_metrics_from_eigs(eigs)
-                taps[tap] = TapResult(stats.count, metrics.spectral_entropy, metrics.participation_ratio,
-                                      metrics.eee, eigs.numpy())
+                taps[tap] = tap_result(solve(stats.m2, stats.count))
             pre, post = taps["pre"], taps["post"]
-            js = None
-            if pre.eigenvalues.shape == post.eigenvalues.shape:
-                js = compute_js(normalize_eigs(torch.from_numpy(pre.eigenvalues)),
-                                normalize_eigs(torch.from_numpy(post.eigenvalues)))
-            out[layer] = LayerResult(layer, pre, post, js, self.points[(layer, "pre")][0],
+            out[layer] = LayerResult(layer, pre, post, pair_js(pre, post), self.points[(layer, "pre")][0],
                                      self.points[(layer, "post")][0])
         return out
 
@@ -149,7 +143,8 @@ class NerVEAnalyzer:
         if layers_per_pass is None:
             itemsize = torch.empty((), dtype=self.accumulate_dtype).element_size()
             per_layer = max(
-                sum(_feature_dim(module, tap) ** 2 * itemsize for (layer, tap), (_, module) in self.points.items()
+                sum((feature_dim(module, "output" if tap == "pre" else "input") or 0) ** 2 * itemsize
+                    for (layer, tap), (_, module) in self.points.items()
                     if layer == first)
                 for first in self.layers
             )
@@ -157,16 +152,6 @@ class NerVEAnalyzer:
         if layers_per_pass < 1:
             raise ValueError(f"layers_per_pass must be >= 1, got {layers_per_pass}")
         return [self.layers[i:i + layers_per_pass] for i in range(0, len(self.layers), layers_per_pass)]
-
-
-def _feature_dim(module: nn.Module, tap: str) -> int:
-    """The width of a tapped activation, from the module's weight (0 if it cannot be told)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return 0
-    if type(module).__name__ == "Conv1D":  # HuggingFace's GPT-2 Conv1D keeps weight as [in, out]
-        return weight.shape[1] if tap == "pre" else weight.shape[0]
-    return weight.shape[0] if tap == "pre" else weight.shape[1]
 
 
 def default_forward(model: nn.Module) -> ForwardFn:
