@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 from torchtitan.config.manager import ConfigManager
 
+from nerve_plugin.config_checks import SectionChecks
 from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS, SOLVE_MODES
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
 from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
@@ -79,23 +80,23 @@ class Nerve:
     """Host threads for overlapped solves of GPU runs; 0: this rank's share of the cores minus one."""
 
     def __post_init__(self):
-        _check_bool("enable", self.enable)
-        _check_int("log_freq", self.log_freq, "an integer >= 1", lambda v: v >= 1)
-        _check_list("taps", self.taps, TAPS)
+        check = SectionChecks("nerve", NerveConfigError)
+        check.boolean("enable", self.enable)
+        check.integer("log_freq", self.log_freq, "an integer >= 1", lambda v: v >= 1)
+        check.choices("taps", self.taps, TAPS)
         if len(set(self.taps)) != len(self.taps):
-            _fail("taps", self.taps, f"distinct values from {list(TAPS)}")
+            check.fail("taps", self.taps, f"distinct values from {list(TAPS)}")
         if not isinstance(self.layers, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
-            _fail("layers", self.layers, "a list of layer indices >= 0 (empty for all layers)")
-        _check_int("tokens_per_rank", self.tokens_per_rank, "0 (all tokens) or an integer >= 2", lambda v: v == 0 or v >= 2)
-        _check_choice("eigen_solve", self.eigen_solve, EIGEN_SOLVE_PLACEMENTS)
-        _check_list("outputs", self.outputs, OUTPUTS, allow_empty=True)
-        _check_choice("spec", self.spec, SPECS)
-        _check_int("seed", self.seed, "an integer", lambda v: True)
-        _check_choice("solve", self.solve, SOLVE_MODES)
-        _check_int("max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0)
-        if isinstance(self.memory_budget_gb, bool) or not isinstance(self.memory_budget_gb, (int, float)) or not 0 < self.memory_budget_gb < float("inf"):
-            _fail("memory_budget_gb", self.memory_budget_gb, "a number of GiB > 0")
-        _check_int("solver_threads", self.solver_threads, "0 (automatic) or an integer >= 1", lambda v: v >= 0)
+            check.fail("layers", self.layers, "a list of layer indices >= 0 (empty for all layers)")
+        check.integer("tokens_per_rank", self.tokens_per_rank, "0 (all tokens) or an integer >= 2", lambda v: v == 0 or v >= 2)
+        check.choice("eigen_solve", self.eigen_solve, EIGEN_SOLVE_PLACEMENTS)
+        check.choices("outputs", self.outputs, OUTPUTS, allow_empty=True)
+        check.choice("spec", self.spec, SPECS)
+        check.integer("seed", self.seed, "an integer")
+        check.choice("solve", self.solve, SOLVE_MODES)
+        check.integer("max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0)
+        check.number("memory_budget_gb", self.memory_budget_gb, "a number of GiB > 0", lambda v: v > 0)
+        check.integer("solver_threads", self.solver_threads, "0 (automatic) or an integer >= 1", lambda v: v >= 0)
 
 
 @dataclass
@@ -139,28 +140,3 @@ def _install_section_check() -> None:
 
 
 _install_section_check()
-
-
-def _fail(key: str, value, allowed: str):
-    raise NerveConfigError(f"[nerve] {key} = {value!r} is not allowed: expected {allowed}")
-
-
-def _check_bool(key: str, value):
-    if not isinstance(value, bool):
-        _fail(key, value, "true or false")
-
-
-def _check_int(key: str, value, allowed: str, ok):
-    # bool is an int in Python; a TOML `log_freq = true` must not pass as 1.
-    if isinstance(value, bool) or not isinstance(value, int) or not ok(value):
-        _fail(key, value, allowed)
-
-
-def _check_choice(key: str, value, choices):
-    if value not in choices:
-        _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def _check_list(key: str, value, choices, allow_empty: bool = False):
-    if not isinstance(value, list) or (not value and not allow_empty) or any(v not in choices for v in value):
-        _fail(key, value, ("a list" if allow_empty else "a non-empty list") + f" of values from {list(choices)}")

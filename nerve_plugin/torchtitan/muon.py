@@ -24,7 +24,6 @@ JobConfig, since torchtitan passes a builder only ``job_config.optimizer``) and 
 # No `from __future__ import annotations`: torchtitan merges config dataclasses by their real field types.
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +33,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.tools.logging import logger
 
+from nerve_plugin.config_checks import SectionChecks, is_number
 from nerve_plugin.muon import ADJUST_LR_RULES, NS_COEFFICIENTS, NS_EPS, NS_STEPS
 from nerve_plugin.muon import Muon as MuonOptimizer
 from nerve_plugin.muon import split_params
@@ -90,44 +90,27 @@ class Muon:
     bucket holds at most bucket_mb x (FSDP group size) MiB of matrices, at least one. 0: a single bucket."""
 
     def __post_init__(self):
-        _check_float("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
-        if not isinstance(self.nesterov, bool):
-            _fail("nesterov", self.nesterov, "true or false")
-        if isinstance(self.ns_steps, bool) or not isinstance(self.ns_steps, int) or not 1 <= self.ns_steps < 100:
-            _fail("ns_steps", self.ns_steps, "an integer in [1, 99]")
+        check = SectionChecks("muon", MuonConfigError)
+        check.number("momentum", self.momentum, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check.boolean("nesterov", self.nesterov)
+        check.integer("ns_steps", self.ns_steps, "an integer in [1, 99]", lambda v: 1 <= v < 100)
         if (
             not isinstance(self.ns_coefficients, (list, tuple))
             or len(self.ns_coefficients) != 3
-            or not all(_is_number(v) for v in self.ns_coefficients)
+            or not all(is_number(v) for v in self.ns_coefficients)
         ):
-            _fail("ns_coefficients", self.ns_coefficients, "a list of 3 finite numbers [a, b, c]")
-        _check_float("eps", self.eps, "a finite number > 0", lambda v: v > 0)
-        if self.adjust_lr not in ADJUST_LR_RULES:
-            _fail("adjust_lr", self.adjust_lr, "one of " + ", ".join(repr(r) for r in ADJUST_LR_RULES))
+            check.fail("ns_coefficients", self.ns_coefficients, "a list of 3 finite numbers [a, b, c]")
+        check.number("eps", self.eps, "a finite number > 0", lambda v: v > 0)
+        check.choice("adjust_lr", self.adjust_lr, ADJUST_LR_RULES)
         if self.lr is not None:
-            _check_float("lr", self.lr, "a finite number >= 0, or unset for [optimizer] lr", lambda v: v >= 0)
+            check.number("lr", self.lr, "a finite number >= 0, or unset for [optimizer] lr", lambda v: v >= 0)
         if self.weight_decay is not None:
-            _check_float("weight_decay", self.weight_decay, "a finite number >= 0, or unset for [optimizer] weight_decay",
+            check.number("weight_decay", self.weight_decay, "a finite number >= 0, or unset for [optimizer] weight_decay",
                          lambda v: v >= 0)
         if not isinstance(self.muon_params, list) or any(not isinstance(p, str) or not p for p in self.muon_params):
-            _fail("muon_params", self.muon_params, "a list of non-empty fnmatch patterns (empty for the default)")
-        if not isinstance(self.ns_dtype, str) or self.ns_dtype not in NS_DTYPES:
-            _fail("ns_dtype", self.ns_dtype, "one of " + ", ".join(repr(d) for d in NS_DTYPES))
-        _check_float("bucket_mb", self.bucket_mb, "a finite number >= 0 (0: one bucket)", lambda v: v >= 0)
-
-
-def _fail(key: str, value, allowed: str):
-    raise MuonConfigError(f"[muon] {key} = {value!r} is not allowed: expected {allowed}")
-
-
-def _is_number(value) -> bool:
-    # bool is an int in Python, and NaN passes no range check by failing every comparison
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_float(key: str, value, allowed: str, ok):
-    if not _is_number(value) or not ok(value):
-        _fail(key, value, allowed)
+            check.fail("muon_params", self.muon_params, "a list of non-empty fnmatch patterns (empty for the default)")
+        check.choice("ns_dtype", self.ns_dtype, NS_DTYPES)
+        check.number("bucket_mb", self.bucket_mb, "a finite number >= 0 (0: one bucket)", lambda v: v >= 0)
 
 
 # -- the optimizers ---------------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ the model args are built.
 
 # No `from __future__ import annotations` here: torchtitan merges config dataclasses by their real field types.
 
-import math
 from dataclasses import dataclass, field
+
+from nerve_plugin.config_checks import SectionChecks
 
 FLAVOR = "flavor"  # keep the flavor's choice
 
@@ -77,18 +78,18 @@ class Variant:
     """"rope" (llama3), "learned" (absolute position embeddings added to the token embeddings, GPT-2) or "none"."""
 
     def __post_init__(self):
-        _check_choice("activation", self.activation, (FLAVOR, *ACTIVATIONS))
-        _check_number("leaky_slope", self.leaky_slope, "a number in [0, 1)", lambda v: 0 <= v < 1)
-        _check_choice("learnable_slope", self.learnable_slope, SLOPE_SCOPES)
-        _check_number("ffn_multiplier", self.ffn_multiplier, "0 (the flavor's) or a number > 0", lambda v: v >= 0)
-        _check_choice("norm", self.norm, (FLAVOR, *NORMS))
-        _check_choice("norm_placement", self.norm_placement, (FLAVOR, *NORM_PLACEMENTS))
-        if isinstance(self.mixed_post_layers, bool) or not isinstance(self.mixed_post_layers, int) or self.mixed_post_layers < 1:
-            _fail("mixed_post_layers", self.mixed_post_layers, "an integer >= 1 (and < model.n_layers)")
-        _check_choice("ffn_geometry", self.ffn_geometry, (FLAVOR, *FFN_GEOMETRIES))
-        if isinstance(self.spectral_iters, bool) or not isinstance(self.spectral_iters, int) or self.spectral_iters < 0:
-            _fail("spectral_iters", self.spectral_iters, "an integer >= 0 (0: the exact sigma every forward)")
-        _check_choice("pos_encoding", self.pos_encoding, (FLAVOR, *POS_ENCODINGS))
+        check = SectionChecks("variant", VariantConfigError)
+        check.choice("activation", self.activation, (FLAVOR, *ACTIVATIONS))
+        check.number("leaky_slope", self.leaky_slope, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check.choice("learnable_slope", self.learnable_slope, SLOPE_SCOPES)
+        check.number("ffn_multiplier", self.ffn_multiplier, "0 (the flavor's) or a number > 0", lambda v: v >= 0)
+        check.choice("norm", self.norm, (FLAVOR, *NORMS))
+        check.choice("norm_placement", self.norm_placement, (FLAVOR, *NORM_PLACEMENTS))
+        check.integer("mixed_post_layers", self.mixed_post_layers, "an integer >= 1 (and < model.n_layers)", lambda v: v >= 1)
+        check.choice("ffn_geometry", self.ffn_geometry, (FLAVOR, *FFN_GEOMETRIES))
+        check.integer("spectral_iters", self.spectral_iters, "an integer >= 0 (0: the exact sigma every forward)",
+                      lambda v: v >= 0)
+        check.choice("pos_encoding", self.pos_encoding, (FLAVOR, *POS_ENCODINGS))
 
     def overrides(self) -> dict:
         """The model-arg values this section sets (keys left at "flavor" / 0 are omitted)."""
@@ -106,18 +107,3 @@ class Variant:
 @dataclass
 class JobConfig:
     variant: Variant = field(default_factory=Variant)
-
-
-def _fail(key: str, value, allowed: str):
-    raise VariantConfigError(f"[variant] {key} = {value!r} is not allowed: expected {allowed}")
-
-
-def _check_choice(key: str, value, choices):
-    if value not in choices:
-        _fail(key, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def _check_number(key: str, value, allowed: str, ok):
-    # bool is an int in Python, and NaN passes no range check by failing every comparison
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-        _fail(key, value, allowed)

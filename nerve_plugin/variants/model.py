@@ -59,6 +59,8 @@ from torchtitan.models.llama3 import Transformer, TransformerModelArgs
 from torchtitan.models.llama3.model.model import FeedForward, TransformerBlock
 from torchtitan.models.utils import trunc_normal_
 
+from nerve_plugin.config_checks import SectionChecks
+
 from .config import (ACTIVATIONS, FFN_GEOMETRIES, GATED_ACTIVATIONS, NORM_PLACEMENTS, NORMS, POS_ENCODINGS,
                      SLOPE_SCOPES, VariantConfigError)
 
@@ -109,27 +111,23 @@ class VariantArgs(TransformerModelArgs):
                 and self.ffn_geometry == "none" and self.pos_encoding == "rope")
 
     def validate(self) -> None:
+        check = SectionChecks("variant", VariantConfigError)
         for key, allowed in (("activation", ACTIVATIONS), ("learnable_slope", SLOPE_SCOPES), ("norm", NORMS),
                              ("norm_placement", NORM_PLACEMENTS), ("ffn_geometry", FFN_GEOMETRIES),
                              ("pos_encoding", POS_ENCODINGS)):
-            if getattr(self, key) not in allowed:
-                _fail(key, getattr(self, key), "one of " + ", ".join(map(repr, allowed)))
+            check.choice(key, getattr(self, key), allowed)
         flavor_multiplier = self._flavor_variant["ffn_multiplier"]
         if self.gated and self.ffn_multiplier != flavor_multiplier:
-            _fail("ffn_multiplier", self.ffn_multiplier,
-                  f"0 (the flavor's sizing) with the gated activation {self.activation!r}: gated FFNs keep "
-                  "torchtitan's llama3 sizing (ffn_dim_multiplier, multiple_of)")
+            check.fail("ffn_multiplier", self.ffn_multiplier,
+                       f"0 (the flavor's sizing) with the gated activation {self.activation!r}: gated FFNs keep "
+                       "torchtitan's llama3 sizing (ffn_dim_multiplier, multiple_of)")
         if self.ffn_multiplier <= 0:
-            _fail("ffn_multiplier", self.ffn_multiplier, "a number > 0")
-        if isinstance(self.spectral_iters, bool) or not isinstance(self.spectral_iters, int) or self.spectral_iters < 0:
-            _fail("spectral_iters", self.spectral_iters, "an integer >= 0 (0: exact sigma every forward)")
+            check.fail("ffn_multiplier", self.ffn_multiplier, "a number > 0")
+        check.integer("spectral_iters", self.spectral_iters, "an integer >= 0 (0: exact sigma every forward)",
+                      lambda v: v >= 0)
         if self.norm_placement == "mixed" and not 1 <= self.mixed_post_layers < self.n_layers:
-            _fail("mixed_post_layers", self.mixed_post_layers,
-                  f"an integer in [1, {self.n_layers - 1}] (n_layers = {self.n_layers}) with norm_placement = 'mixed'")
-
-
-def _fail(key, value, allowed):
-    raise VariantConfigError(f"[variant] {key} = {value!r} is not allowed: expected {allowed}")
+            check.fail("mixed_post_layers", self.mixed_post_layers,
+                       f"an integer in [1, {self.n_layers - 1}] (n_layers = {self.n_layers}) with norm_placement = 'mixed'")
 
 
 class NoNorm(nn.Identity):
