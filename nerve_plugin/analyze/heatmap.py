@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..report.svg import DIVERGING, VIRIDIS, colormap
 from .results import METRIC_LABELS, METRICS, AnalysisResults
 
 PANELS = ("pre", "post", "post - pre")
@@ -98,19 +99,10 @@ def _draw_matplotlib(grid: Grid, title: str, path) -> None:
 
 # -- PIL ---------------------------------------------------------------------------------------------------------
 
-# viridis at 0, 0.25, 0.5, 0.75, 1 and a blue-white-red diverging map: enough anchors for a linear blend.
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
-_DIVERGING = np.array([[33, 102, 172], [146, 197, 222], [247, 247, 247], [244, 165, 130], [178, 24, 43]],
-                      dtype=float)
-
-
-def _colour(anchors: np.ndarray, t: float) -> tuple[int, int, int]:
+def _colour(anchors: list[str], t: float) -> tuple[int, int, int]:
     if not np.isfinite(t):
         return (200, 200, 200)
-    t = min(max(t, 0.0), 1.0) * (len(anchors) - 1)
-    i = min(int(t), len(anchors) - 2)
-    rgb = anchors[i] + (anchors[i + 1] - anchors[i]) * (t - i)
-    return tuple(int(round(c)) for c in rgb)
+    return tuple(int(c) for c in colormap(anchors, t))
 
 
 def _draw_pil(grid: Grid, title: str, path) -> None:
@@ -132,7 +124,7 @@ def _draw_pil(grid: Grid, title: str, path) -> None:
         draw.text((8, top + row * cell_h + 4), f"layer {layer}", fill="black", font=font)
     x = label_w
     for panel, panel_w in zip(panels, widths):
-        anchors = _DIVERGING if panel == "post - pre" else _VIRIDIS
+        anchors = DIVERGING if panel == "post - pre" else VIRIDIS
         draw.text((x + 2, 24), panel, fill="black", font=font)
         for col, name in enumerate(_columns(panel)):
             if name != panel:
