@@ -16,6 +16,8 @@ The loop owns the step: ``begin_step`` arms the taps on logging steps (step 1 an
 from __future__ import annotations
 
 import os
+import time
+from typing import Callable
 
 from torch import nn
 
@@ -36,8 +38,10 @@ class NerveLoop:
 
     Build it on the plain model, before ``torch.compile`` and DDP/FSDP wrap it (hooks added to a compiled
     module are ignored). ``log_freq``, ``groups`` and ``monitor_options`` (any other ``MonitorConfig`` field,
-    e.g. ``taps``, ``layers``, ``max_tokens_per_forward``, ``seed``) go to the monitor. ``jsonl``: a path, one
-    record per (step, layer) appended. ``tensorboard``: a log directory or an existing ``SummaryWriter``.
+    e.g. ``taps``, ``layers``, ``max_tokens_per_forward``, ``seed``, ``max_layers_per_step``, ``max_overhead``)
+    go to the monitor; ``clock`` is the monitor's step clock (``max_overhead`` times steps with it). ``jsonl``:
+    a path, one record per (step, layer) appended. ``tensorboard``: a log directory or an existing
+    ``SummaryWriter``.
     Writers are made on the first write, so only the reporting rank (``groups.report_rank``) opens files.
     Under data parallelism pass ``groups=ParallelGroups(token_group=torch.distributed.group.WORLD)`` and call
     every method on every rank.
@@ -54,10 +58,11 @@ class NerveLoop:
         jsonl: str | None = None,
         tensorboard=None,
         groups: ParallelGroups | None = None,
+        clock: Callable[[], float] = time.perf_counter,
         **monitor_options,
     ):
         config = MonitorConfig(log_freq=log_freq, **monitor_options)
-        self.monitor = NerveMonitor(model, ffn_spec(blocks, up, down), config, groups).attach()
+        self.monitor = NerveMonitor(model, ffn_spec(blocks, up, down), config, groups, clock=clock).attach()
         self._jsonl = jsonl
         self._tensorboard = tensorboard
         self._owned_summary_writer = None

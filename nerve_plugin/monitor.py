@@ -11,7 +11,9 @@ for steps that do not log. A logging step adds the Gram products of its forwards
 float64 eigen-solves run either there (``solve="sync"``, on the statistics' device) or on a host thread while
 the next steps train (``solve="overlap"``), their records returned by the ``end_step`` of the next logging
 step (or by ``flush``). ``max_layers_per_step`` bounds the memory and work of one logging step by measuring a
-rotating subset of the layers.
+rotating subset of the layers; ``max_overhead`` lowers that subset further, to what keeps the logging steps'
+cost, amortized over ``log_freq`` steps, within a fraction of training time (``budget.OverheadBudget``: the
+monitor times every step with ``clock`` and the ranks agree on the timings at each logging step).
 
 Parallel layouts, given as process groups:
 - ``token_group``: ranks holding different tokens of the same layers (data parallel, context parallel). Their
@@ -28,14 +30,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .solve import BackgroundSolver, Job, Key, Solved, default_solver_threads, solve, warn_if_not_ok
+from .budget import OverheadBudget, StepTimes
+from .solve import BackgroundSolver, Job, Key, Solved, default_solver_threads, solve_many, warn_if_not_ok
 from .spectrum import compute_js, normalize_eigs, spectrum_metrics_from_eigs
 from .stats import default_accumulate_dtype, reduce_stats
 from .taps import TAPS, FFNTaps, TapSpec
@@ -44,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 EIGEN_SOLVE_PLACEMENTS = ("rank0", "spread")
 SOLVE_MODES = ("sync", "overlap")
+EIGENSOLVERS = ("auto", "batched", "eigvalsh")
 REDUCE_BUCKET_BYTES = 512 << 20  # float64 M2 bytes merged per collective: bounds the merge's extra memory
 
 
@@ -60,6 +64,10 @@ class MonitorConfig:
     max_layers_per_step: int = 0  # 0: every tracked layer at every logging step
     model_layers: int | None = None  # blocks in the whole model (pipeline stages see only theirs)
     solver_threads: int = 0  # overlap on GPUs: host threads for the solves; 0: this rank's share of the cores
+    # Sync solves of GPU statistics: "batched" (nerve_plugin.eigen, all same-size covariances at once) or
+    # "eigvalsh" (one torch.linalg.eigvalsh each); "auto" is batched. Host statistics always use eigvalsh.
+    eigensolver: Literal["auto", "batched", "eigvalsh"] = "auto"
+    max_overhead: float = 0.05  # amortized NerVE time / training time the layer choice keeps to; 0: no budget
 
     def __post_init__(self):
         if self.log_freq < 1:
@@ -68,8 +76,12 @@ class MonitorConfig:
             raise ValueError(f"eigen_solve must be one of {EIGEN_SOLVE_PLACEMENTS}, got {self.eigen_solve!r}")
         if self.solve not in SOLVE_MODES:
             raise ValueError(f"solve must be one of {SOLVE_MODES}, got {self.solve!r}")
+        if self.eigensolver not in EIGENSOLVERS:
+            raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {self.eigensolver!r}")
         if self.max_layers_per_step < 0:
             raise ValueError(f"max_layers_per_step must be >= 0, got {self.max_layers_per_step}")
+        if not (math.isfinite(self.max_overhead) and 0 <= self.max_overhead < 1):
+            raise ValueError(f"max_overhead must be a fraction in [0, 1) (0: no budget), got {self.max_overhead}")
 
     def is_log_step(self, step: int) -> bool:
         # The same rule as torchtitan's own metrics: step 1, then every log_freq steps.
@@ -153,12 +165,16 @@ class ParallelGroups:
 
 
 class NerveMonitor:
+    """``clock``: seconds, monotonic (``time.perf_counter``); the step times the ``max_overhead`` budget and
+    ``last_duration_s`` are read from it, so a test can run the budget on a clock it advances itself."""
+
     def __init__(
         self,
         model_parts: nn.Module | Iterable[nn.Module],
         spec: TapSpec,
         config: MonitorConfig | None = None,
         groups: ParallelGroups | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.config = config or MonitorConfig()
         self.groups = groups or ParallelGroups()
@@ -184,7 +200,21 @@ class NerveMonitor:
         self._solver: BackgroundSolver | None = None
         self._copy_stream = None
         self._device: torch.device | None = None  # where overdue solves run: the statistics' GPU
+        self._batched = None  # eigen.BatchedEigensolver, made at the first sync logging step on a GPU
         self.last_duration_s = 0.0  # the logging step's own NerVE time (merge, and solves when sync)
+        self._clock = clock
+        self._budget = OverheadBudget(self.config.max_overhead, self.config.log_freq)
+        self._normal_steps = StepTimes()
+        self._last_end: tuple[int, float] | None = None  # (step, clock) when the last end_step returned
+        self._timed_logging_step = False  # this process has timed a logging step (the first one is warm-up)
+        self._told_untimeable = False
+        # The rotation: at logging index i a window of W = _window_size() layers starts at tracked position
+        # (_rotation_start + (i - _rotation_index) * W) % L. With a constant window that is a function of
+        # the step alone (resumes and pipeline stages agree); when the budget changes the window, the anchor
+        # moves to where the last window ended, so the windows go on round the layers without a gap.
+        self._budget_window: int | None = None  # layers per logging step chosen by the budget; None: the cap
+        self._rotation_index = 0
+        self._rotation_start = 0
 
     def add_part(self, other: "NerveMonitor") -> None:
         """Take over another monitor's model part (a second pipeline stage held by this rank)."""
@@ -223,23 +253,37 @@ class NerveMonitor:
             if self._solver is not None:
                 self._solver.close()
                 self._solver = None
+            if self._batched is not None:
+                self._batched.release()
+                self._batched = None
 
     @property
     def armed_step(self) -> int | None:
         return self._armed_step
 
     def selected_layers(self, step: int) -> list[int]:
-        """The layers measured at logging step ``step``: all tracked ones, or with ``max_layers_per_step`` a
-        window of them that rotates with each logging step (a function of the step alone, so it survives a
-        resume and agrees across pipeline stages)."""
+        """The layers measured at logging step ``step``: all tracked ones, or a window of them (at most
+        ``max_layers_per_step``, fewer when ``max_overhead`` says so) that moves on with each logging step and
+        wraps around, so successive logging steps cover every layer. With a constant window size it is a
+        function of the step alone (it survives a resume); every rank agrees on the size, so pipeline stages
+        agree on the window."""
         tracked = self._tracked_layers()
-        cap = self.config.max_layers_per_step
-        if not cap or cap >= len(tracked):
+        size = self._window_size(len(tracked))
+        if size >= len(tracked):
             return tracked
-        windows = math.ceil(len(tracked) / cap)
-        index = 0 if step == 1 else step // self.config.log_freq
-        start = (index % windows) * cap
-        return tracked[start : start + cap]
+        start = self._window_start(step, len(tracked))
+        return sorted(tracked[(start + i) % len(tracked)] for i in range(size))
+
+    def _window_size(self, tracked: int) -> int:
+        size = min(self.config.max_layers_per_step or tracked, tracked)
+        return size if self._budget_window is None else min(size, self._budget_window)
+
+    def _window_start(self, step: int, tracked: int) -> int:
+        offset = (self._log_index(step) - self._rotation_index) * self._window_size(tracked)
+        return (self._rotation_start + offset) % tracked
+
+    def _log_index(self, step: int) -> int:
+        return 0 if step == 1 else step // self.config.log_freq
 
     def _tracked_layers(self) -> list[int]:
         if self.config.layers is not None:
@@ -283,21 +327,77 @@ class NerveMonitor:
         if self._armed_step == step:
             self.pause()
             self._armed_step = None
-            start = time.perf_counter()
+            start = self._clock()
             owned = self._reduce_owned()
             for t in self.taps:
                 t.release()
                 if self._hooks_on_demand:
                     t.remove()
             if self.config.solve == "sync":
-                records = self._gather(step, {key: solve(m2, count) for key, count, m2 in owned})
+                records = self._gather(step, solve_many(owned, self._batched_solver()))
             else:
                 self._pending.append(self._submit(step, owned))
-            self.last_duration_s = time.perf_counter() - start
+            self.last_duration_s = self._clock() - start
         if self._pending and self.config.is_log_step(step):
             collected = self._collect(before=step)
             records = collected if records is None else records + collected
+        self._time_step(step)
         return records
+
+    # -- overhead budget --------------------------------------------------------------------------------------
+
+    def _time_step(self, step: int) -> None:
+        """Time the step that just ended (from the previous ``end_step`` to now) and, at a logging step, let
+        the budget choose the next logging step's layers. A step's time is only known when the previous step
+        ended in this process (not for the first step, nor the first after a resume)."""
+        now = self._clock()
+        seconds = now - self._last_end[1] if self._last_end and self._last_end[0] == step - 1 else None
+        if not self.config.is_log_step(step):
+            if seconds is not None:
+                self._normal_steps.add(seconds)
+        elif self._budget.active:
+            self._budget_step(step, seconds)
+        elif self.config.max_overhead > 0 and not self._told_untimeable:
+            self._told_untimeable = True
+            if self._announces():
+                logger.info(
+                    f"nerve: max_overhead = {self.config.max_overhead:g} needs steps that do not log to time, and "
+                    f"log_freq = 1 has none: every logging step measures "
+                    f"{len(self.selected_layers(step))} of {len(self._tracked_layers())} layers"
+                )
+        self._last_end = (step, self._clock())  # the budget's own collective counts in no step
+
+    def _budget_step(self, step: int, seconds: float | None) -> None:
+        """Feed the budget this logging step's cost and choose the next logging step's window. Every rank runs
+        it at every logging step with the same collective, and the budget sees only agreed (maximum over the
+        ranks) numbers, so every rank makes the same choice."""
+        normal = self._normal_steps.median()
+        warm_up = not self._timed_logging_step
+        self._timed_logging_step = True
+        if seconds is not None and normal is not None:
+            overhead = seconds - normal
+        else:  # no step time to compare with: NerVE's own time at this step is what can be measured
+            overhead, warm_up = self.last_duration_s, True
+        # -1: no normal step timed yet; whether one was is the same on every rank (same steps, same rule).
+        overhead, normal = _agree_max([overhead, -1.0 if normal is None else normal])
+        tracked = self._tracked_layers()
+        measured = len(self.selected_layers(step))
+        self._budget.observe(measured, overhead, warm_up=warm_up)
+        size = self._budget.update(len(tracked), normal if normal >= 0 else None,
+                                   cap=self.config.max_layers_per_step, announce=self._announces())
+        if size is None or size == self._window_size(len(tracked)):
+            return
+        if tracked:
+            # The next logging step's window starts where this step's ended.
+            self._rotation_start = (self._window_start(step, len(tracked)) + measured) % len(tracked)
+            self._rotation_index = self._log_index(self._next_log_step(step))
+        self._budget_window = size
+
+    def _next_log_step(self, step: int) -> int:
+        return self.config.log_freq * (step // self.config.log_freq + 1)
+
+    def _announces(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == self.groups.report_rank
 
     # -- reduction ------------------------------------------------------------------------------------------
 
@@ -344,6 +444,16 @@ class NerveMonitor:
         return owned
 
     # -- solves -----------------------------------------------------------------------------------------------
+
+    def _batched_solver(self):
+        """The batched GPU eigen-solver (made on first use: it keeps its captured CUDA graphs), or None."""
+        if self.config.eigensolver == "eigvalsh" or not torch.cuda.is_available():
+            return None
+        if self._batched is None:
+            from .eigen import BatchedEigensolver
+
+            self._batched = BatchedEigensolver()
+        return self._batched
 
     def _submit(self, step: int, owned) -> Job:
         """Queue the step's merged states for the host solver; device states are copied to pinned host memory
@@ -468,6 +578,19 @@ def _is_compiled(module: nn.Module) -> bool:
         isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
         for m in module.modules()
     )
+
+
+def _agree_max(values: list[float]) -> list[float]:
+    """The element-wise maximum of ``values`` over every rank (one small all-reduce; every rank calls it at the
+    same step): the numbers all ranks decide from, the slowest rank's."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    # NCCL reduces only GPU tensors; gloo (and a mixed cpu:gloo backend) takes host ones.
+    on_gpu = torch.cuda.is_available() and "nccl" in str(dist.get_backend()) and "cpu:" not in str(dist.get_backend())
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def _distributed(group) -> bool:

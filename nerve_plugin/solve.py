@@ -64,6 +64,43 @@ def solve(m2: torch.Tensor, count: int) -> Solved:
     return Solved(count, None, "failed: " + "; ".join(errors), dim)
 
 
+def solve_many(states: list[tuple[Key, int, torch.Tensor]], batched=None) -> dict[Key, Solved]:
+    """The spectra of a logging step's merged states, never raising. With a ``batched`` solver
+    (``eigen.BatchedEigensolver``), same-size GPU states are solved together by it; everything else, and any
+    state it cannot take, goes through ``solve`` one by one."""
+    results: dict[Key, Solved] = {}
+    groups: dict[tuple, list[tuple[Key, int, torch.Tensor]]] = {}
+    for key, count, m2 in states:
+        if batched is not None and batched.accepts(m2):
+            groups.setdefault((m2.device, int(m2.shape[0])), []).append((key, count, m2))
+        else:
+            results[key] = solve(m2, count)
+    for (_, dim), group in groups.items():
+        # One host synchronisation for the whole group instead of one per state.
+        finite = torch.stack([torch.isfinite(m2).all() for _, _, m2 in group]).tolist()
+        for (key, count, _), ok in zip(group, finite):
+            if not ok:
+                results[key] = Solved(count, None, "non-finite statistics", dim)
+        group = [item for item, ok in zip(group, finite) if ok]
+        if not group:
+            continue
+        try:
+            eigenvalues, fell_back = batched.eigvalsh([m2 for _, _, m2 in group], [1.0 / (c - 1) for _, c, _ in group])
+            eigenvalues = eigenvalues.cpu().numpy()
+        except Exception as error:  # e.g. out of memory for the batch's workspace: one by one instead
+            logger.warning(f"nerve: batched eigen-solve of {len(group)} {dim} x {dim} states failed ({error}); solving one by one")
+            for key, count, m2 in group:
+                solved = solve(m2, count)
+                if solved.status == "ok":
+                    solved.status = f"fallback: eigvalsh (batched solver: {type(error).__name__})"
+                results[key] = solved
+            continue
+        for i, (key, count, _) in enumerate(group):
+            status = "fallback: eigvalsh (batched solve failed its checks)" if i in fell_back else "ok"
+            results[key] = Solved(count, eigenvalues[i], status, dim)
+    return results
+
+
 def warn_if_not_ok(step: int, key: Key, solved: Solved) -> None:
     if solved.status != "ok":
         layer, tap = key

@@ -57,6 +57,9 @@ TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
         "max_layers_per_step": Row("2", -1, "0 (all layers) or an integer >= 1"),
         "memory_budget_gb": Row("16", 0.0, "a number of GiB > 0"),
         "solver_threads": Row(1.5, -1, "0 (automatic) or an integer >= 1"),
+        # a percentage where a fraction belongs (5 for 5%) is the likely mistake
+        "max_overhead": Row("0.05", 5.0, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)"),
+        "eigensolver": Row(1, "cusolver", "one of 'auto', 'batched', 'eigvalsh'"),
     }),
     "muon": (Muon, MuonConfigError, {
         "momentum": Row("0.95", 1.0, "a number in [0, 1)"),
@@ -90,6 +93,7 @@ TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
 # NaN fails every comparison and inf passes "> 0": the float keys must refuse both.
 NON_FINITE = [
     ("nerve", "memory_budget_gb", math.nan), ("nerve", "memory_budget_gb", math.inf),
+    ("nerve", "max_overhead", math.nan), ("nerve", "max_overhead", -math.inf),
     ("muon", "momentum", math.nan), ("muon", "eps", math.inf), ("muon", "lr", math.inf),
     ("muon", "weight_decay", math.nan), ("muon", "bucket_mb", math.inf), ("muon", "ns_coefficients", [3.0, math.nan, 2.0]),
     ("variant", "leaky_slope", math.nan), ("variant", "ffn_multiplier", math.inf), ("variant", "ffn_multiplier", math.nan),
@@ -172,11 +176,12 @@ def test_section_that_is_not_a_table_stops(tmp_path, section):
 
 def test_valid_sections_still_parse(tmp_path):
     config = parse_toml(tmp_path, to_toml({
-        "nerve": {"enable": True, "log_freq": 7, "layers": [0, 2], "tokens_per_rank": 2},
+        "nerve": {"enable": True, "log_freq": 7, "layers": [0, 2], "tokens_per_rank": 2, "max_overhead": 0},
         "muon": {"momentum": 0, "lr": 0.02, "ns_coefficients": [1, 2, 3]},
         "variant": {"activation": "relu", "ffn_multiplier": 2},
     }))
     assert (config.nerve.enable, config.nerve.log_freq, config.nerve.layers) == (True, 7, [0, 2])
+    assert config.nerve.max_overhead == 0
     assert (config.muon.momentum, config.muon.lr, config.muon.ns_coefficients) == (0, 0.02, [1, 2, 3])
     assert (config.variant.activation, config.variant.ffn_multiplier) == ("relu", 2)
 
@@ -188,6 +193,7 @@ CLI = [
     (["--nerve.log_freq", "0"], "[nerve] log_freq = 0 is not allowed: expected an integer >= 1"),
     (["--nerve.log_frq", "3"], "Unrecognized options: --nerve.log_frq"),
     (["--nerve.taps", "pre,middle"], "[nerve] taps = ['pre', 'middle'] is not allowed"),
+    (["--nerve.max_overhead", "1"], "[nerve] max_overhead = 1.0 is not allowed: expected a fraction in [0, 1)"),
     (["--muon.momentum", "fast"], "Error parsing --muon.momentum"),
     (["--muon.ns_steps", "0"], "[muon] ns_steps = 0 is not allowed: expected an integer in [1, 99]"),
     (["--variant.leaky_slope", "nan"], "[variant] leaky_slope = nan is not allowed: expected a number in [0, 1)"),

@@ -232,3 +232,18 @@ def test_model_without_a_tap_spec_is_refused_at_start_up():
     )
     with pytest.raises(ValueError, match="no tap spec for model.name = 'deepseek_v3': set \\[nerve\\] spec"):
         NerveSession(job_config, parallel_dims=None, model_name="deepseek_v3")
+
+
+@pytest.mark.parametrize("args, budget", [([], 0.05), (["--nerve.max_overhead", "0.01"], 0.01), (["--nerve.max_overhead", "0"], 0)])
+def test_max_overhead_reaches_the_monitor(args, budget):
+    from torchtitan.config import ConfigManager
+    from torchtitan.distributed import ParallelDims
+
+    from nerve_plugin.torchtitan.integration import NerveSession
+
+    job_config = ConfigManager().parse_args(
+        ["--job.custom_config_module", "nerve_plugin.torchtitan.config", "--nerve.enable", *args]
+    )
+    dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    session = NerveSession(job_config, dims, model_name="llama3")
+    assert session.monitor_config.max_overhead == budget

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from torchtitan.config.manager import ConfigManager
 
 from nerve_plugin.config_checks import SectionChecks
-from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS, SOLVE_MODES
+from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS, EIGENSOLVERS, SOLVE_MODES
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
 from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
 from nerve_plugin.variants.config import Variant, VariantConfigError
@@ -69,8 +69,15 @@ class Nerve:
     with max_layers_per_step on large models (README, Performance)."""
 
     max_layers_per_step: int = 0
-    """Measure at most this many layers per logging step, rotating through them (layer l at every
-    ceil(L / max_layers_per_step)-th logging step); 0 measures every layer every time. Bounds memory and work."""
+    """Measure at most this many layers per logging step, a window that moves on with each logging step and
+    wraps around (every layer at least every ceil(L / max_layers_per_step)-th logging step); 0 measures every
+    layer every time. Bounds memory and work; max_overhead may lower it further."""
+
+    max_overhead: float = 0.05
+    """Budget of NerVE's amortized cost, as a fraction of training time (0.05: 5%): from the measured cost of
+    logging steps and the time of normal steps, each logging step measures as many layers as keep
+    (logging-step overhead) / (log_freq x step time) within it, at least one (rotating, as max_layers_per_step
+    does). The first logging steps measure every layer. 0: no budget, every layer at every logging step."""
 
     memory_budget_gb: float = 16.0
     """Start-up check: the covariance buffers of one logging step (D x D per measured layer and tap, plus
@@ -78,6 +85,12 @@ class Nerve:
 
     solver_threads: int = 0
     """Host threads for overlapped solves of GPU runs; 0: this rank's share of the cores minus one."""
+
+    eigensolver: str = "auto"
+    """Which float64 eigen-solver the sync solves of GPU statistics use: "batched" (nerve_plugin.eigen: all
+    same-size covariances of a logging step at once, two-stage reduction and bisection, LAPACK accuracy; its
+    first logging step compiles its kernels and captures a CUDA graph), "eigvalsh" (torch.linalg.eigvalsh, one
+    covariance after another) or "auto" (batched on GPUs). Host statistics always use eigvalsh."""
 
     def __post_init__(self):
         check = SectionChecks("nerve", NerveConfigError)
@@ -97,6 +110,9 @@ class Nerve:
         check.integer("max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0)
         check.number("memory_budget_gb", self.memory_budget_gb, "a number of GiB > 0", lambda v: v > 0)
         check.integer("solver_threads", self.solver_threads, "0 (automatic) or an integer >= 1", lambda v: v >= 0)
+        check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
+        check.number("max_overhead", self.max_overhead, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
+                     lambda v: 0 <= v < 1)
 
 
 @dataclass

@@ -87,6 +87,8 @@ class NerveSession:
             max_layers_per_step=self.config.max_layers_per_step,
             model_layers=depth,
             solver_threads=self.config.solver_threads,
+            max_overhead=self.config.max_overhead,
+            eigensolver=self.config.eigensolver,
         )
         self.groups = ParallelGroups(
             token_group=_optional_group(parallel_dims, "loss"),

@@ -1,0 +1,172 @@
+"""A NerVE logging step against a normal step: GPT-2 124M, 16 x 512 tokens, bf16 autocast, fused AdamW, one GPU.
+
+    python bench/gpt2_logging_step.py [--original PATH]   # PATH holds the original NerVE's `nerve` package
+
+Arms, in one process on the same model and tokens: NerVE off; nerve's NerveLoop (solve = "sync") with the batched
+eigen-solver (nerve_plugin.eigen) and with torch.linalg.eigvalsh; the original NerVE FFNEigenMetricsCallback
+(unmodified, full batch: do_sampling=False) driven through its own Trainer-callback methods. Each arm starts from
+the same initial weights, so its step-1 metrics can be compared. Prints medians and ratios to the normal step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import os
+import re
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+
+
+def build(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config()).cuda()
+    return model
+
+
+def make_step(model, batch):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def run_nerve(initial, batch, solver, logging_steps=3, normal_steps=10):
+    from nerve_plugin.loop import NerveLoop
+
+    model = copy.deepcopy(initial)
+    step = make_step(model, batch)
+    loop = NerveLoop(model, blocks="transformer.h", up="mlp.c_fc", down="mlp.c_proj", log_freq=1, eigensolver=solver)
+    torch.manual_seed(123)  # the same dropout masks at step 1 in every arm
+    logging, first = [], None
+    for s in range(1, logging_steps + 1):
+        def one():
+            loop.begin_step(s)
+            step()
+            return loop.end_step(s)
+        seconds, records = timed(one)
+        if s == 1:
+            first = records
+        logging.append(seconds)
+    loop.monitor.config.log_freq = 10**9  # the same loop, now with no logging step
+    normal = [timed(lambda: (loop.begin_step(s), step(), loop.end_step(s)))[0] for s in range(2, 2 + normal_steps)]
+    loop.close()
+    return logging, median(normal), first
+
+
+def run_original(initial, batch, path, logging_steps=2, normal_steps=10):
+    sys.path.insert(0, path)
+    from nerve.callback import FFNEigenMetricsCallback  # the original, unmodified
+
+    model = copy.deepcopy(initial)
+    step = make_step(model, batch)
+    out = tempfile.mkdtemp()
+    callback = FFNEigenMetricsCallback(log_steps=1, num_layers=12, output_dir=out, do_sampling=False)
+    state, control = SimpleNamespace(global_step=0), SimpleNamespace()
+    callback.on_train_begin(None, state, control, model=model)
+    torch.manual_seed(123)
+    logging = []
+    for s in range(1, logging_steps + 1):
+        def one():
+            state.global_step = s
+            callback.on_step_begin(None, state, control)
+            step()
+            callback.on_step_end(None, state, control)
+        logging.append(timed(one)[0])
+    callback.log_steps = 10**9
+    normal = []
+    for s in range(logging_steps + 1, logging_steps + 1 + normal_steps):
+        def one():
+            state.global_step = s
+            callback.on_step_begin(None, state, control)
+            step()
+            callback.on_step_end(None, state, control)
+        normal.append(timed(one)[0])
+    metrics = {}
+    for name in glob.glob(os.path.join(out, "layer_*_eigen.txt")):
+        layer = int(re.search(r"layer_(\d+)_", name).group(1))
+        with open(name) as f:
+            line = f.readline()
+        metrics[layer] = {k: float(v) for k, v in re.findall(r"(\w+)=([-\d.eE+]+)", line)}
+    return logging, median(normal), metrics
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--original", default=None, help="folder holding the original NerVE package `nerve`")
+    parser.add_argument("--tokens", default="16x512")
+    args = parser.parse_args()
+    batch_size, seq = (int(v) for v in args.tokens.split("x"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    initial = build()
+    batch = torch.randint(0, initial.config.vocab_size, (batch_size, seq), device="cuda",
+                          generator=torch.Generator(device="cuda").manual_seed(1))
+
+    model = copy.deepcopy(initial)
+    step = make_step(model, batch)
+    for _ in range(5):
+        step()
+    off = median([timed(step)[0] for _ in range(20)])
+    del model, step
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GPT-2 124M, {batch_size} x {seq} tokens")
+    print(f"| arm | normal step | logging step (first) | logging step (median of the rest) | in normal steps |")
+    print(f"|---|---|---|---|---|")
+    print(f"| NerVE off | {off * 1e3:.1f} ms | - | - | - |")
+    results = {}
+    for solver in ("batched", "eigvalsh"):
+        logging, normal, first = run_nerve(initial, batch, solver)
+        rest = median(logging[1:])
+        results[solver] = first
+        print(f"| nerve NerveLoop sync, {solver} | {normal * 1e3:.1f} ms | {logging[0] * 1e3:.0f} ms | "
+              f"{rest * 1e3:.1f} ms | {rest / off:.2f} |")
+    if args.original:
+        logging, normal, metrics = run_original(initial, batch, args.original)
+        rest = median(logging[1:]) if len(logging) > 1 else logging[0]
+        print(f"| original NerVE callback, do_sampling=False | {normal * 1e3:.1f} ms | {logging[0] * 1e3:.0f} ms | "
+              f"{rest * 1e3:.1f} ms | {rest / off:.2f} |")
+        ours = {r.layer: r for r in results["batched"]}
+        worst = max(abs(ours[l].pre.spectral_entropy - m["SE_pre"]) for l, m in metrics.items())
+        print(f"step 1, layer 0: original SE pre {metrics[0]['SE_pre']:.3f} post {metrics[0]['SE_post']:.3f} "
+              f"PR pre {metrics[0]['PR_pre']:.2f}; nerve batched SE pre {ours[0].pre.spectral_entropy:.3f} "
+              f"post {ours[0].post.spectral_entropy:.3f} PR pre {ours[0].pre.participation_ratio:.2f}; "
+              f"max |SE pre difference| over layers {worst:.4f} (the original prints 3 decimals)")
+    a, b = results["batched"], results["eigvalsh"]
+    worst = 0.0
+    for ra, rb in zip(a, b):
+        for tap in ("pre", "post"):
+            for metric in ("spectral_entropy", "participation_ratio", "eee"):
+                x, y = getattr(getattr(ra, tap), metric), getattr(getattr(rb, tap), metric)
+                worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
+        worst = max(worst, abs(ra.js - rb.js) / max(abs(rb.js), 1e-300))
+    print(f"step 1, batched vs eigvalsh: largest relative metric difference {worst:.2e} over {len(a)} layers")
+
+
+if __name__ == "__main__":
+    main()

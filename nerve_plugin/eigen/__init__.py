@@ -1,0 +1,179 @@
+"""Batched float64 eigenvalues of symmetric matrices on the GPU, near the hardware's limit.
+
+A logging step holds many covariances of one size (two taps x every layer). cuSOLVER's one-stage reduction
+(torch.linalg.eigvalsh) is bound by memory traffic and kernel launches and solves them one after another; this
+package reduces them all at once, in three stages, every one batched over the matrices:
+
+1. ``band.reduce_to_band``: dense -> band of width ``b`` by blocked Householder reflections; the trailing
+   updates are float64 matrix products (tensor cores on Hopper), so this stage runs near the compute floor.
+2. ``chase.band_to_tridiagonal``: band -> tridiagonal by bulge chasing, a Triton kernel in which several
+   programs per matrix chase consecutive sweeps in a pipeline.
+3. ``tridiagonal.tridiagonal_eigvalsh``: every eigenvalue of the tridiagonal matrices by Sturm-count
+   bisection, a Triton kernel, one lane per eigenvalue.
+
+Every stage is an orthogonal similarity or a backward-stable bisection in float64, so the eigenvalues carry
+LAPACK's error bound (a small multiple of eps * ||A||). The Triton kernels also run on CPU tensors under
+``TRITON_INTERPRET=1`` (the tests do that at small n); torch.linalg.eigvalsh stays the reference and the
+fallback.
+
+Storage conventions shared by the stages (all float64, batch first):
+- dense: (B, n, n), symmetric; only the lower triangle is trusted.
+- lower band of width b: (B, n, b + 1) with ``band[i, c, d] = A[i, c + d, c]`` (zero where c + d >= n).
+- tridiagonal: ``d`` (B, n) diagonal, ``e`` (B, n - 1) sub-diagonal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EPS = torch.finfo(torch.float64).eps
+DEFAULT_BANDWIDTH = 32
+# float64 bytes of matrices reduced at once (a chunk's workspace, kept by its CUDA graph between logging steps).
+DEFAULT_WORKSPACE_BYTES = 4 << 30
+
+
+def smallest_batched_dim(bandwidth: int = DEFAULT_BANDWIDTH) -> int:
+    """Below this size a matrix is already (nearly) a band: torch.linalg.eigvalsh solves it."""
+    return 2 * bandwidth + 2
+
+
+def eigvalsh_pipeline(matrices: torch.Tensor, bandwidth: int = DEFAULT_BANDWIDTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenvalues (B, n) of the symmetric float64 ``matrices`` (B, n, n), overwritten as workspace,
+    and a (B,) int32 status (non-zero: that matrix's result is unusable). No host synchronisation: the whole
+    pipeline can be captured in a CUDA graph."""
+    from .band import reduce_to_band
+    from .chase import band_to_tridiagonal
+    from .tridiagonal import tridiagonal_eigvalsh
+
+    band = reduce_to_band(matrices, bandwidth)
+    diagonal, off_diagonal, status = band_to_tridiagonal(band)
+    return tridiagonal_eigvalsh(diagonal, off_diagonal), status
+
+
+@dataclass
+class _Captured:
+    graph: torch.cuda.CUDAGraph | None
+    inputs: torch.Tensor  # (B, n, n) float64, filled before each replay
+    eigenvalues: torch.Tensor
+    status: torch.Tensor
+
+
+class BatchedEigensolver:
+    """Eigenvalues of many same-size symmetric matrices at once, on the matrices' GPU.
+
+    The pipeline launches ~n small kernels per chunk (one per column of the dense-to-band panels), so each
+    chunk shape is captured once in a CUDA graph and replayed at later logging steps: replaying costs the GPU
+    work alone. A captured graph keeps its chunk's float64 workspace (at most ``workspace_bytes``) between
+    logging steps; ``release()`` frees it. Results are checked against two invariants every exact solve keeps
+    (the trace and the Frobenius norm); a matrix that fails them, or whose kernels stalled, is solved again by
+    torch.linalg.eigvalsh.
+    """
+
+    def __init__(self, bandwidth: int = DEFAULT_BANDWIDTH, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                 graphs: bool = True, device_types: tuple[str, ...] = ("cuda",)):
+        self.bandwidth = bandwidth
+        # Where it is the faster exact solver. The CPU (LAPACK's eigvalsh wins there) only runs it in tests,
+        # through Triton's interpreter.
+        self.device_types = device_types
+        self.workspace_bytes = workspace_bytes
+        self.graphs = graphs
+        self._captured: dict[tuple, _Captured] = {}
+        self.fallbacks = 0  # matrices that needed torch.linalg.eigvalsh
+
+    def release(self) -> None:
+        self._captured.clear()
+
+    def accepts(self, matrix: torch.Tensor) -> bool:
+        return matrix.device.type in self.device_types and int(matrix.shape[-1]) >= smallest_batched_dim(self.bandwidth)
+
+    def chunk_size(self, count: int, dim: int) -> int:
+        """Matrices reduced at once: as many as the workspace holds, balanced over the chunks."""
+        fits = max(1, self.workspace_bytes // (dim * dim * 8))
+        chunks = math.ceil(count / fits)
+        return math.ceil(count / chunks)
+
+    def eigvalsh(
+        self, matrices: Sequence[torch.Tensor], scales: Sequence[float] | None = None
+    ) -> tuple[torch.Tensor, set[int]]:
+        """Descending float64 eigenvalues (len, n) of ``scale * (M + M^T) / 2`` for each n x n ``M`` (any float
+        dtype, one CUDA device), clamped at ``EIG_FLOOR`` as the metrics expect, and the indices of the
+        matrices that torch.linalg.eigvalsh solved instead."""
+        from ..spectrum import EIG_FLOOR
+
+        count = len(matrices)
+        dim = int(matrices[0].shape[-1])
+        device = matrices[0].device
+        scales = list(scales) if scales is not None else [1.0] * count
+        out = torch.empty(count, dim, dtype=torch.float64, device=device)
+        fell_back: set[int] = set()
+        chunk = self.chunk_size(count, dim)
+        for lo in range(0, count, chunk):
+            hi = min(count, lo + chunk)
+            captured = self._get(chunk, dim, device)
+            inputs = captured.inputs
+            for i in range(lo, hi):
+                m = matrices[i].to(torch.float64)
+                torch.add(m, m.mT, out=inputs[i - lo]).mul_(0.5 * scales[i])
+            if hi - lo < chunk:
+                inputs[hi - lo :].zero_()
+            # The invariants of the inputs, before the pipeline overwrites them.
+            trace = inputs[: hi - lo].diagonal(dim1=1, dim2=2).sum(-1)
+            frobenius2 = inputs[: hi - lo].square().sum((1, 2))
+            if captured.graph is not None:
+                captured.graph.replay()
+                eigenvalues, status = captured.eigenvalues, captured.status
+            else:
+                eigenvalues, status = eigvalsh_pipeline(inputs, self.bandwidth)
+            eigenvalues, status = eigenvalues[: hi - lo], status[: hi - lo]
+            scale = frobenius2.sqrt()
+            # Backward-stable stages move each eigenvalue by a small multiple of eps ||A||; the floor lets a zero
+            # matrix's eigenvalues be tiny but not exact zeros.
+            tolerance = 64 * dim * EPS * scale + dim * 1e-300
+            good = (
+                (status == 0)
+                & torch.isfinite(eigenvalues).all(-1)
+                & ((eigenvalues.sum(-1) - trace).abs() <= tolerance)
+                & ((eigenvalues.square().sum(-1).sqrt() - scale).abs() <= tolerance)
+            )
+            out[lo:hi] = eigenvalues.flip(-1)
+            bad = (~good).nonzero().flatten().tolist()  # one host sync per chunk: the results are needed now
+            for i in bad:
+                self.fallbacks += 1
+                fell_back.add(lo + i)
+                logger.warning(f"nerve: batched eigen-solve of a {dim} x {dim} matrix failed its checks; using eigvalsh")
+                m = matrices[lo + i].to(torch.float64)
+                out[lo + i] = torch.linalg.eigvalsh(0.5 * (m + m.mT) * scales[lo + i]).flip(-1)
+        return out.clamp_min_(EIG_FLOOR), fell_back
+
+    def _get(self, batch: int, dim: int, device: torch.device) -> _Captured:
+        key = (batch, dim, device)
+        if key in self._captured:
+            return self._captured[key]
+        inputs = torch.zeros(batch, dim, dim, dtype=torch.float64, device=device)
+        graph = None
+        eigenvalues = status = None
+        if self.graphs and device.type == "cuda":
+            # One eager run compiles the kernels (and must not be captured), then the capture.
+            side = torch.cuda.Stream(device=device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                inputs.copy_(torch.eye(dim, dtype=torch.float64, device=device).expand(batch, dim, dim))
+                eigvalsh_pipeline(inputs, self.bandwidth)
+            torch.cuda.current_stream(device).wait_stream(side)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    eigenvalues, status = eigvalsh_pipeline(inputs, self.bandwidth)
+            except Exception as error:  # capture is an optimisation: run eagerly without it
+                logger.warning(f"nerve: CUDA graph capture of the eigen-solver failed ({error}); running eagerly")
+                graph = None
+        captured = _Captured(graph, inputs, eigenvalues, status)
+        self._captured[key] = captured
+        return captured
