@@ -46,6 +46,7 @@ On CPU tensors the kernel runs under Triton's interpreter: TRITON_INTERPRET=1 mu
 imported (tests/conftest.py does that when there is no GPU).
 """
 
+import contextlib
 import os
 
 import torch
@@ -73,7 +74,7 @@ def _sturm_bisection_kernel(
     n,
     num_blocks,
     BLOCK: tl.constexpr,
-    CHUNK: tl.constexpr,
+    SHARE_CHUNK: tl.constexpr,
     NEWTON: tl.constexpr,
     NEWTON_ITERS: tl.constexpr,
     MAX_ITERS: tl.constexpr,
@@ -90,6 +91,7 @@ def _sturm_bisection_kernel(
     lower = tl.load(bounds_ptr + matrix * 4)
     upper = tl.load(bounds_ptr + matrix * 4 + 1)
     pivmin = tl.load(bounds_ptr + matrix * 4 + 2)
+    minus_pivmin = -pivmin
     abs_tol = tl.maximum(tl.load(bounds_ptr + matrix * 4 + 3), pivmin)
     scratch = (matrix * num_blocks + block) * BLOCK
 
@@ -168,7 +170,7 @@ def _sturm_bisection_kernel(
                 slope = ratio * inv * slope - 1.0
             else:
                 pivot = (d_k - probe) - e2_k / pivot
-            pivot = tl.where(tl.abs(pivot) < pivmin, -pivmin, pivot)
+            pivot = tl.where(tl.abs(pivot) < pivmin, minus_pivmin, pivot)
             # (no overflow check: the interpreter would run one per step, and a count cannot overflow)
             count = tl.add(count, (pivot < 0.0).to(tl.int32), sanitize_overflow=False)
             d_k = d_next
@@ -180,18 +182,29 @@ def _sturm_bisection_kernel(
         tl.store(probe_ptr + scratch + lane, probe)
         tl.store(probe_count_ptr + scratch + lane, count)
         tl.debug_barrier()
-        for start in tl.static_range(0, BLOCK, CHUNK):
-            chunk = start + tl.arange(0, CHUNK)
-            other = tl.load(probe_ptr + scratch + chunk, volatile=True)
-            other_count = tl.load(probe_count_ptr + scratch + chunk, volatile=True)
-            at_or_below = other_count[None, :] <= index[:, None]  # probe <= eigenvalue `index`
-            # (a lane's own bound fills the ineligible entries, so each reduction is also with it)
-            lo = tl.maximum(lo, tl.max(tl.where(at_or_below, other[None, :], lo[:, None]), axis=1))
-            count_lo = tl.maximum(count_lo, tl.max(tl.where(at_or_below, other_count[None, :], count_lo[:, None]),
-                                                   axis=1))
-            hi = tl.minimum(hi, tl.min(tl.where(at_or_below, hi[:, None], other[None, :]), axis=1))
-            count_hi = tl.minimum(count_hi, tl.min(tl.where(at_or_below, count_hi[:, None], other_count[None, :]),
-                                                   axis=1))
+        if SHARE_CHUNK == 1:
+            # compiled: probe by probe, so that nothing wider than a lane lives in registers (a [BLOCK, chunk]
+            # tensor costs the compiler dozens of registers per thread and with them occupancy)
+            for other_lane in range(BLOCK):
+                other = tl.load(probe_ptr + scratch + other_lane)
+                other_count = tl.load(probe_count_ptr + scratch + other_lane)
+                raises_lo = (other_count <= index) & (other > lo)  # other <= eigenvalue `index`
+                lowers_hi = (other_count > index) & (other < hi)
+                lo = tl.where(raises_lo, other, lo)
+                count_lo = tl.where(raises_lo, other_count, count_lo)
+                hi = tl.where(lowers_hi, other, hi)
+                count_hi = tl.where(lowers_hi, other_count, count_hi)
+        else:
+            # interpreted: the same, a chunk of probes at a time (the interpreter's cost is per operation)
+            for start in tl.static_range(0, BLOCK, SHARE_CHUNK):
+                chunk = start + tl.arange(0, SHARE_CHUNK)
+                other = tl.load(probe_ptr + scratch + chunk)[None, :]
+                other_count = tl.load(probe_count_ptr + scratch + chunk)[None, :]
+                at_or_below = other_count <= index[:, None]
+                lo = tl.maximum(lo, tl.max(tl.where(at_or_below, other, -1.0e300), axis=1))
+                count_lo = tl.maximum(count_lo, tl.max(tl.where(at_or_below, other_count, -1), axis=1))
+                hi = tl.minimum(hi, tl.min(tl.where(at_or_below, 1.0e300, other), axis=1))
+                count_hi = tl.minimum(count_hi, tl.min(tl.where(at_or_below, n + 1, other_count), axis=1))
         tl.debug_barrier()  # nobody overwrites the probes before everyone has read them
         if NEWTON:
             # with the new multiplicity; an exact hit (NaN: a zero pivot) estimates the probe itself
@@ -263,28 +276,23 @@ def _scaled_problem(d: torch.Tensor, e: torch.Tensor):
     return diag.contiguous(), offdiag_sq.contiguous(), bounds.contiguous(), scale
 
 
-def _launch(diag, offdiag_sq, bounds, n, *, block=64, num_warps=None, newton=True):
-    """Runs the kernel on prepared inputs; returns the scaled eigenvalues (unsorted across programs) and each
-    program's iteration count (B, ceil(n / block)), the latter for benchmarks."""
+def _launch(diag, offdiag_sq, bounds, n, *, block=64, num_warps=None, newton=True, share_chunk=None):
+    """Runs the kernel on prepared inputs; returns the scaled eigenvalues in index order (ascending within each
+    program) and each program's iteration count (B, ceil(n / block)), the latter for benchmarks. ``share_chunk``:
+    probes taken at once when lanes learn from each other (1 compiled, the whole block interpreted)."""
     batch = diag.shape[0]
     num_blocks = triton.cdiv(n, block)
-    out = torch.empty(batch, n, dtype=torch.float64, device=diag.device)
-    probes = torch.empty(batch, num_blocks, block, dtype=torch.float64, device=diag.device)
-    probe_counts = torch.empty(batch, num_blocks, block, dtype=torch.int32, device=diag.device)
-    iterations = torch.empty(batch, num_blocks, dtype=torch.int32, device=diag.device)
-    grid = (batch, num_blocks)
-    with torch.cuda.device(diag.device) if diag.is_cuda else _no_context():
-        _sturm_bisection_kernel[grid](
+    device = diag.device
+    out = torch.empty(batch, n, dtype=torch.float64, device=device)
+    probes = torch.empty(batch, num_blocks, block, dtype=torch.float64, device=device)
+    probe_counts = torch.empty(batch, num_blocks, block, dtype=torch.int32, device=device)
+    iterations = torch.empty(batch, num_blocks, dtype=torch.int32, device=device)
+    if share_chunk is None:
+        share_chunk = 1 if diag.is_cuda else min(block, 64)
+    with torch.cuda.device(device) if diag.is_cuda else contextlib.nullcontext():
+        _sturm_bisection_kernel[(batch, num_blocks)](
             diag, offdiag_sq, bounds, out, probes, probe_counts, iterations, n, num_blocks,
-            BLOCK=block, CHUNK=min(16, block), NEWTON=newton, NEWTON_ITERS=NEWTON_ITERS,
+            BLOCK=block, SHARE_CHUNK=share_chunk, NEWTON=newton, NEWTON_ITERS=NEWTON_ITERS,
             MAX_ITERS=MAX_ITERS_NEWTON if newton else MAX_ITERS_BISECTION,
             num_warps=num_warps or max(1, block // 32))
     return out, iterations
-
-
-class _no_context:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
