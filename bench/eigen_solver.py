@@ -100,7 +100,7 @@ def precision(sizes):
         print(f"(batched fallbacks: {sorted(fell_back)})")
 
 
-def speed(shapes):
+def speed(shapes, reference=True, panel=None):
     print("| matrices | eigvalsh fp64 | eigvalsh fp32 | nerve batched | band | chase | bisection | "
           "compute floor (4/3 n^3 at 67 TF) | one-stage traffic floor | batched / floor | eigvalsh fp64 / batched |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -114,8 +114,11 @@ def speed(shapes):
         a = (x + x.T) / 2
         # cuSOLVER solves one matrix after another (measured: batches and streams do not overlap): time one.
         reps = 1 if n > 10000 else 2
-        fp64 = timed(lambda: torch.linalg.eigvalsh(a), reps) * batch
-        fp32 = timed(lambda: torch.linalg.eigvalsh(a.float()), reps) * batch
+        fp64 = timed(lambda: torch.linalg.eigvalsh(a), reps) * batch if reference else math.nan
+        fp32 = timed(lambda: torch.linalg.eigvalsh(a.float()), reps) * batch if reference else math.nan
+        if panel:
+            import nerve_plugin.eigen.band as band_module
+            band_module._CUDA_DEFAULT_PANEL = panel
         solver = BatchedEigensolver()
         mats = [a] * batch
         solver.eigvalsh(mats)  # compiles and captures
@@ -140,13 +143,16 @@ def main():
     parser.add_argument("--precision", action="store_true")
     parser.add_argument("--precision-sizes", default="3072,8192")
     parser.add_argument("--speed", default=None, help="comma-separated BxN shapes")
+    parser.add_argument("--no-reference", action="store_true", help="skip the eigvalsh timings")
+    parser.add_argument("--panel", default=None, help="panel QR method of the band stage (default: its default)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.precision or not args.speed:
         precision([int(v) for v in args.precision_sizes.split(",")])
     if args.speed or not args.precision:
         shapes = args.speed or "24x3072,32x8192,1x14336,1x28672"
-        speed([tuple(int(v) for v in s.split("x")) for s in shapes.split(",")])
+        print(f"panel method: {args.panel or 'default'}")
+        speed([tuple(int(v) for v in s.split("x")) for s in shapes.split(",")], not args.no_reference, args.panel)
 
 
 if __name__ == "__main__":

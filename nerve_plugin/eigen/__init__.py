@@ -52,9 +52,10 @@ def eigvalsh_pipeline(matrices: torch.Tensor, bandwidth: int = DEFAULT_BANDWIDTH
     from .chase import band_to_tridiagonal
     from .tridiagonal import tridiagonal_eigvalsh
 
-    band = reduce_to_band(matrices, bandwidth)
-    diagonal, off_diagonal, status = band_to_tridiagonal(band)
-    return tridiagonal_eigvalsh(diagonal, off_diagonal), status
+    status = torch.zeros(matrices.shape[0], dtype=torch.int32, device=matrices.device)
+    band = reduce_to_band(matrices, bandwidth, status=status)
+    diagonal, off_diagonal, chase_status = band_to_tridiagonal(band)
+    return tridiagonal_eigvalsh(diagonal, off_diagonal), status | chase_status
 
 
 @dataclass

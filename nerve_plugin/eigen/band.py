@@ -61,6 +61,7 @@ def reduce_to_band(
     panel: str | None = None,
     panel_tiling: tuple[int, int] | None = None,
     status: Tensor | None = None,
+    update_group: int = 4,
 ) -> Tensor:
     """Lower band storage (B, n, bandwidth + 1) of a matrix orthogonally similar to each symmetric a[i].
 
@@ -77,6 +78,11 @@ def reduce_to_band(
     status: optional (B,) int32 tensor on a's device; the "persistent" panels OR 1 into the entry of every
     matrix whose programs stalled at a barrier (that matrix's band is then unusable; the caller falls back).
     The other methods cannot stall and leave it as it is.
+    update_group: panels whose two-sided updates are applied to the trailing matrix together (1: after every
+    panel). The trailing matrix is the one large operand, so applying ``g`` panels' updates in one product of
+    inner dimension 2 g b reads and writes it once per g panels instead of once per panel; in between, each
+    panel's columns and its product with the trailing matrix are corrected by the pending updates (products with
+    the thin V and W only).
     """
     if a.dim() != 3 or a.shape[1] != a.shape[2]:
         raise ValueError(f"expected a batch of square matrices (B, n, n), got shape {tuple(a.shape)}")
@@ -86,6 +92,8 @@ def reduce_to_band(
         raise ValueError("a must be contiguous: it is the workspace, updated in place through strided views")
     if bandwidth < 1:
         raise ValueError(f"bandwidth must be positive, got {bandwidth}")
+    if update_group < 1:
+        raise ValueError(f"update_group must be >= 1, got {update_group}")
     method = panel or (_CUDA_DEFAULT_PANEL if a.is_cuda else "torch")
     if method not in _PANEL_METHODS:
         raise ValueError(f"panel must be one of {_PANEL_METHODS}, got {panel!r}")
@@ -103,13 +111,17 @@ def reduce_to_band(
             # Row 0: the stall flags; row 1 + i: the barrier counters of panel i. One memset for the whole stage.
             sync = torch.zeros(1 + len(starts), batch, dtype=torch.int32, device=a.device)
         _mirror_lower_to_upper_(a)
+        pending = _PendingUpdates()
         for i, k in enumerate(starts):
             r0 = k + bandwidth
+            pending.make_current(a[:, k:, k:r0], k)
             v, tau = householder_panel(
                 a[:, r0:, k:r0], method=method, tiling=panel_tiling,
                 counters=None if sync is None else sync[1 + i], flags=None if sync is None else sync[0],
             )  # fmt: skip
-            _two_sided_update_(a[:, r0:, r0:], v, tau)
+            pending.add(v, _two_sided_factor(a[:, r0:, r0:], v, tau, pending, r0), r0)
+            if len(pending) == update_group or i == len(starts) - 1:
+                pending.apply(a, r0)
         if status is not None and sync is not None:
             status.bitwise_or_(sync[0])
         return _lower_band(a, bandwidth)
@@ -309,10 +321,14 @@ def _householder_column_step(
 
 # Polls of a barrier counter before a program declares its matrix stuck (about a microsecond each on an H200).
 _SPIN_LIMIT = tl.constexpr(1 << 24)
-# Doubles per thread of the register slab (BLOCK_ROWS x BLOCK_COLS over 32 x num_warps threads) the automatic
-# plan tries, in order of preference: 64 registers, then 128 when the batch does not fit in one wave otherwise.
-_SLAB_DOUBLES_PER_THREAD = (32, 64)
-_SLAB_WARPS = (4, 8)
+# Tilings the automatic plan tries, in order of preference, as (doubles per thread of the register slab, warps):
+# BLOCK_ROWS x BLOCK_COLS = doubles x 32 x warps. Compiled for sm_90 (Triton 3.9, b = 32) the kernel takes about
+# 210 registers a thread at 32 doubles and 254 at 64 (no spills): either way 2 programs of 4 warps per SM, so the
+# 64-double slab holds twice the rows per SM and is chosen whenever the smaller one needs more launches.
+_SLAB_TILINGS = ((32, 4), (64, 4), (32, 8), (64, 8))
+# At most this many rows of the slab per thread (the per-row vectors are replicated over the lanes that share a
+# row: small bandwidths would otherwise get thousands of rows a program).
+_SLAB_ROWS_PER_THREAD = 8
 
 
 def _persistent_block_reduce(block_cols: int, num_warps: int) -> int:
@@ -324,7 +340,9 @@ def _householder_panel_persistent(panel: Tensor, tiling, counters: Tensor | None
     batch, m, width = panel.shape
     reflectors = min(width, m - 1)
     block_cols = triton.next_power_of_2(width)
-    plan = _persistent_plan(batch, m, block_cols, panel.device, tiling)
+    # Triton types an integer argument of 2^31 or more as int64: a different kernel, probed as such.
+    wide = panel.stride(0) >= 2**31
+    plan = _persistent_plan(batch, m, block_cols, panel.device, tiling, wide)
     if plan is None:  # one matrix's panel needs more programs than the GPU holds at once
         return _householder_panel_triton(panel, None)
     block_rows, num_warps, programs, per_launch = plan
@@ -347,13 +365,13 @@ def _householder_panel_persistent(panel: Tensor, tiling, counters: Tensor | None
 
 
 def _launch_persistent(grid, panel, vt, tau, dots, pivot_rows, counters, flags, matrix_offset, programs,
-                       block_rows, num_warps):  # fmt: skip
+                       block_rows, num_warps, batch_stride=None):  # fmt: skip
     """The one launch site of the persistent kernel, shared by the residency probe: same constexprs, same
     compiled kernel. Returns the compiled kernel."""
     _, m, width = panel.shape
     block_cols = triton.next_power_of_2(width)
     return _householder_panel_persistent_kernel[grid](
-        panel, panel.stride(0), panel.stride(1), panel.stride(2),
+        panel, panel.stride(0) if batch_stride is None else batch_stride, panel.stride(1), panel.stride(2),
         vt, vt.stride(0), vt.stride(1),
         tau, tau.stride(0),
         dots, pivot_rows, counters, flags,
@@ -366,7 +384,7 @@ def _launch_persistent(grid, panel, vt, tau, dots, pivot_rows, counters, flags, 
     )  # fmt: skip
 
 
-def _persistent_plan(batch: int, m: int, block_cols: int, device: torch.device, tiling):
+def _persistent_plan(batch: int, m: int, block_cols: int, device: torch.device, tiling, wide: bool = False):
     """(rows per program, warps, programs per matrix, matrices per launch) for panels (batch, m, <= block_cols),
     or None if one matrix does not fit on the GPU at once. Decided from shapes and the device only (no data), so
     the same panels always get the same launches, as a CUDA graph needs."""
@@ -384,42 +402,45 @@ def _persistent_plan(batch: int, m: int, block_cols: int, device: torch.device, 
     if tiling is not None:
         candidates = [tuple(tiling)]
     else:
+        group = min(8, block_cols)  # the kernel's column group: 8 rows of lanes per 4 column lanes (see there)
+        row_lanes = 32 // max(1, group // 2)
         candidates = [
-            (max(1, doubles * 32 * warps // block_cols), warps)
-            for doubles in _SLAB_DOUBLES_PER_THREAD
-            for warps in _SLAB_WARPS
+            (max(1, min(doubles * 32 * warps // block_cols, _SLAB_ROWS_PER_THREAD * row_lanes * warps)), warps)
+            for doubles, warps in _SLAB_TILINGS
         ]
     best = None
-    for rows, warps in candidates:
+    for rows, warps in dict.fromkeys(candidates):
         programs = triton.cdiv(m, rows)
-        per_launch = min(batch, _resident_persistent_programs(device, rows, block_cols, warps) // programs)
+        resident, spills = _resident_persistent_programs(device, rows, block_cols, warps, wide)
+        per_launch = min(batch, resident // programs)
         if per_launch < 1:
             continue
         waves = triton.cdiv(batch, per_launch)
-        if best is None or waves < best[0]:
-            best = (waves, rows, warps, programs, triton.cdiv(batch, waves))  # balanced launches
-        if waves == 1:
+        key = (waves, spills > 0)
+        if best is None or key < best[0]:
+            best = (key, rows, warps, programs, triton.cdiv(batch, waves))  # balanced launches
+        if key == (1, False):
             break
     return None if best is None else best[1:]
 
 
 @functools.lru_cache(maxsize=None)
-def _resident_persistent_programs(device: torch.device, block_rows: int, block_cols: int, num_warps: int) -> int:
+def _resident_persistent_programs(
+    device: torch.device, block_rows: int, block_cols: int, num_warps: int, wide: bool = False
+) -> tuple[int, int]:
     """Programs of the persistent kernel (this tiling) that ``device`` holds at once, from the compiled kernel's
-    registers and shared memory. Compiles it on first use, by a launch on a 2-row dummy panel: every size and
-    stride argument is do_not_specialize (and the pointers that can be views do not specialise on alignment),
-    so the probe gets the kernel the real launches get (Triton specialises integers equal to 1 or divisible by
-    16, and pointers on 16-byte alignment)."""
+    registers and shared memory, and the kernel's register spills. Compiles it on first use, by a launch on a
+    2-row dummy panel: every size and stride argument is do_not_specialize (and the pointers that can be views do
+    not specialise on alignment), so the probe gets the kernel the real launches get (Triton specialises integers
+    equal to 1 or divisible by 16, and pointers on 16-byte alignment); ``wide``: the batch stride is 2^31 or more,
+    an int64 argument (the probe's single matrix never multiplies it)."""
     properties = torch.cuda.get_device_properties(device)
-    registers, shared = 255, 0  # the worst case, if the compiled kernel does not say
+    registers, shared, spills = 255, 0, 0  # the worst case, if the compiled kernel does not say
     try:
-        probe = torch.zeros(1, 2, block_cols, dtype=torch.float64, device=device)
-        sync = torch.zeros(2, 1, dtype=torch.int32, device=device)
-        compiled = _launch_persistent(
-            (1, 1), probe, probe.new_zeros(1, 1, 2), probe.new_zeros(1, 1), probe.new_zeros(1, 2, 1, block_cols),
-            probe.new_zeros(1, 2, block_cols), sync[0], sync[1], 0, 1, block_rows, num_warps,
-        )  # fmt: skip
+        with torch.cuda.device(device):
+            compiled = _probe_persistent(device, block_rows, block_cols, num_warps, wide)
         registers = int(getattr(compiled, "n_regs", 0) or 0) or registers
+        spills = int(getattr(compiled, "n_spills", 0) or 0)
         metadata = getattr(compiled, "metadata", None)
         shared = int(getattr(metadata, "shared", 0) or 0)
     except Exception:  # the counts are an optimisation; the worst case is safe
@@ -430,7 +451,18 @@ def _resident_persistent_programs(device: torch.device, block_rows: int, block_c
     # 1 KiB of shared memory per block is reserved by the driver (Ampere and later)
     by_shared = properties.shared_memory_per_multiprocessor // (shared + 1024)
     per_sm = max(0, min(by_registers, by_warps, by_shared, 32))  # at most 32 blocks per SM
-    return properties.multi_processor_count * per_sm
+    return properties.multi_processor_count * per_sm, spills
+
+
+def _probe_persistent(device: torch.device, block_rows: int, block_cols: int, num_warps: int, wide: bool):
+    """Launch the persistent kernel on a dummy panel of 2 rows, one program (its barriers need no one else)."""
+    probe = torch.zeros(1, 2, block_cols, dtype=torch.float64, device=device)
+    sync = torch.zeros(2, 1, dtype=torch.int32, device=device)
+    return _launch_persistent(
+        (1, 1), probe, probe.new_zeros(1, 1, 2), probe.new_zeros(1, 1), probe.new_zeros(1, 2, 1, block_cols),
+        probe.new_zeros(1, 2, block_cols), sync[0], sync[1], 0, 1, block_rows, num_warps,
+        batch_stride=2**31 if wide else None,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -566,9 +598,55 @@ def _householder_panel_persistent_kernel(
 # -- the trailing update and the storage helpers --------------------------------------------------------------
 
 
-def _two_sided_update_(a22: Tensor, v: Tensor, tau: Tensor) -> None:
-    """a22 <- H^T a22 H for H = I - V T V^T, in place, with the full (both triangles) a22 kept current because
-    the next panel's products read whole rows of it."""
+class _PendingUpdates:
+    """The (V, W) of panels whose update A <- A - V W^T - W V^T has not reached the trailing matrix yet, as
+    column blocks over the rows from the first of them on (zero above each panel's own first row)."""
+
+    def __init__(self):
+        self.v: list[Tensor] = []
+        self.w: list[Tensor] = []
+        self.first_row = 0
+
+    def __len__(self) -> int:
+        return len(self.v)
+
+    def _from(self, row: int) -> tuple[Tensor, Tensor]:
+        offset = row - self.first_row
+        return torch.cat([v[:, offset:] for v in self.v], -1), torch.cat([w[:, offset:] for w in self.w], -1)
+
+    def make_current(self, columns: Tensor, row: int) -> None:
+        """Apply the pending updates to ``columns`` = A[:, row:, row:row + b] (the next panel and its diagonal
+        block), in place."""
+        if self.v:
+            v, w = self._from(row)
+            width = columns.shape[-1]
+            columns.sub_(v @ w[:, :width].mT + w @ v[:, :width].mT)
+
+    def corrected_product(self, x: Tensor, vt: Tensor, row: int) -> Tensor:
+        """x = A_stale[row:, row:] @ vt, corrected to the current trailing matrix's product."""
+        if self.v:
+            v, w = self._from(row)
+            x -= v @ (w.mT @ vt) + w @ (v.mT @ vt)
+        return x
+
+    def add(self, v: Tensor, w: Tensor, row: int) -> None:
+        if not self.v:
+            self.first_row = row
+        pad = row - self.first_row
+        self.v.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        self.w.append(torch.nn.functional.pad(w, (0, 0, pad, 0)))
+
+    def apply(self, a: Tensor, row: int) -> None:
+        """A[row:, row:] -= V W^T + W V^T for every pending panel, as one product of inner dimension 2 x their
+        reflectors (both triangles: the next panels' products read whole rows), then forget them."""
+        v, w = self._from(row)
+        a[:, row:, row:].baddbmm_(torch.cat([v, w], -1), torch.cat([w, v], -1).mT, alpha=-1.0)
+        self.v, self.w = [], []
+
+
+def _two_sided_factor(a22: Tensor, v: Tensor, tau: Tensor, pending: _PendingUpdates, row: int) -> Tensor:
+    """W of the two-sided update H^T A22 H = A22 - V W^T - W V^T for H = I - V T V^T, where A22 is the
+    trailing matrix from ``row`` on with ``pending`` applied (``a22`` itself may still lack them)."""
     reflectors = tau.shape[-1]
     # A zero reflector has v = 0 (see householder_panel), so any nonzero diagonal entry keeps the identity exact.
     inverse_tau = torch.where(tau == 0, 1.0, tau).reciprocal()
@@ -576,11 +654,11 @@ def _two_sided_update_(a22: Tensor, v: Tensor, tau: Tensor) -> None:
     eye = torch.eye(reflectors, dtype=v.dtype, device=v.device).expand_as(t_inverse)
     t = torch.linalg.solve_triangular(t_inverse, eye, upper=True)
     vt = torch.bmm(v, t)
-    x = torch.bmm(a22, vt)  # the m x m operand read in place: unit column stride, leading dimension n
+    # The m x m operand is read in place (unit column stride, leading dimension n): the stage's one pass over it
+    # per panel.
+    x = pending.corrected_product(torch.bmm(a22, vt), vt, row)
     m = torch.bmm(vt.mT, x)  # T^T V^T A22 V T, symmetric
-    w = torch.baddbmm(x, v, m, alpha=-0.5)
-    # V W^T + W V^T as one product of inner dimension 2r: one pass over a22 instead of two
-    a22.baddbmm_(torch.cat([v, w], dim=-1), torch.cat([w, v], dim=-1).mT, alpha=-1.0)
+    return torch.baddbmm(x, v, m, alpha=-0.5)
 
 
 def _mirror_lower_to_upper_(a: Tensor, block: int = 1024) -> None:
