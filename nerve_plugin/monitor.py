@@ -523,7 +523,8 @@ class NerveMonitor:
     def buffer_bytes(self, device: torch.device | str | None = None) -> int:
         """Peak bytes of covariance buffers one logging step needs on this rank: the D x D second moments of
         the layers measured at once (the largest rotation window), plus the float64 working copies of the
-        merge and of one solve."""
+        merge and of the solves (on GPUs with the batched solver: a chunk of float64 covariances, kept by its
+        CUDA graph between logging steps)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         itemsize = (self.config.accumulate_dtype or default_accumulate_dtype(device)).itemsize
         per_layer: dict[int, int] = {}
@@ -535,6 +536,13 @@ class NerveMonitor:
         cap = self.config.max_layers_per_step or len(per_layer)
         window = sum(sorted(per_layer.values(), reverse=True)[:cap])
         working = 2 * largest * largest * 8
+        if device.type == "cuda" and self.config.eigensolver != "eigvalsh" and largest:
+            from .eigen import BatchedEigensolver
+
+            solver = self._batched or BatchedEigensolver()
+            states = sum(len(t.dims()) for t in self.taps)
+            states = min(states, cap * len(self.config.taps))
+            working += solver.chunk_size(max(1, states), largest) * largest * largest * 8
         return window + working
 
 

@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .primitives import householder_scalars, wait_until
+
 _PANEL_METHODS = ("persistent", "triton", "torch")
 # The panel method on CUDA tensors when none is asked for.
 _CUDA_DEFAULT_PANEL = "triton"
@@ -265,12 +267,7 @@ def _householder_column_step(
         pivot_row = tl.load(pivot_base + cols, mask=live_cols, other=0.0)
         alpha = tl.load(pivot_base + j)
         below_norm2 = tl.sum(tl.where(cols == j, dots_sum, 0.0), axis=0)
-        nontrivial = below_norm2 > 0.0
-        norm = tl.sqrt(alpha * alpha + below_norm2)
-        beta = tl.where(alpha >= 0.0, -norm, norm)
-        denom = tl.where(nontrivial, alpha - beta, 1.0)  # |alpha - beta| = |alpha| + norm: no cancellation
-        tau = tl.where(nontrivial, (beta - alpha) / tl.where(nontrivial, beta, 1.0), 0.0)
-        diag_value = tl.where(nontrivial, beta, alpha)
+        diag_value, tau, denom = householder_scalars(alpha, below_norm2)
         w = pivot_row + dots_sum / denom
         coef = tl.where(cols > j, tau * w, 0.0)
         if program == 0:
@@ -316,11 +313,9 @@ def _householder_column_step(
 # never finishes (another kernel of this process or another spinning on its own barriers, as an MPS client
 # limited to part of the SMs or a green context would be), and multi_processor_count is the SMs we may use.
 # Other kernels that finish delay the waits, they do not deadlock them. If the assumption fails anyway, every
-# wait gives up after _SPIN_LIMIT polls and flags its matrix (the result is then garbage; the caller falls back),
+# wait gives up after primitives.SPIN_LIMIT polls and flags its matrix (the result is then garbage; the caller falls back),
 # and the later waits of a flagged matrix return at once.
 
-# Polls of a barrier counter before a program declares its matrix stuck (about a microsecond each on an H200).
-_SPIN_LIMIT = tl.constexpr(1 << 24)
 # Tilings the automatic plan tries, in order of preference, as (doubles per thread of the register slab, warps):
 # BLOCK_ROWS x BLOCK_COLS = doubles x 32 x warps. Compiled for sm_90 (Triton 3.9, b = 32) the kernel takes about
 # 210 registers a thread at 32 doubles and 254 at 64 (no spills): either way 2 programs of 4 warps per SM, so the
@@ -471,16 +466,7 @@ def _arrive_and_wait(counter_ptr, flag_ptr, need):
     # Every thread's stores (the partial dot products, the pivot row) come before the release below.
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release")
-    polls = 0
-    # A flagged matrix stops waiting at once: its result is discarded anyway.
-    while (
-        (tl.atomic_add(counter_ptr, 0, sem="acquire") < need)
-        & (polls < _SPIN_LIMIT)
-        & (tl.load(flag_ptr, volatile=True) == 0)
-    ):
-        polls += 1
-    if polls >= _SPIN_LIMIT:
-        tl.atomic_xchg(flag_ptr, 1)
+    wait_until(counter_ptr, flag_ptr, need)
     tl.debug_barrier()  # no thread reads the shared buffers before the wait is over
 
 
@@ -573,12 +559,7 @@ def _householder_panel_persistent_kernel(
         pivot_row = tl.load(slot_pivot + cols2, cache_modifier=".cg")
         alpha = tl.sum(tl.sum(tl.where(cols2 == j, pivot_row, 0.0), axis=1), axis=0)
         below_norm2 = tl.sum(tl.sum(tl.where(cols2 == j, dots_sum, 0.0), axis=1), axis=0)
-        nontrivial = below_norm2 > 0.0
-        norm = tl.sqrt(alpha * alpha + below_norm2)
-        beta = tl.where(alpha >= 0.0, -norm, norm)
-        denom = tl.where(nontrivial, alpha - beta, 1.0)  # |alpha - beta| = |alpha| + norm: no cancellation
-        tau = tl.where(nontrivial, (beta - alpha) / tl.where(nontrivial, beta, 1.0), 0.0)
-        diag_value = tl.where(nontrivial, beta, alpha)
+        diag_value, tau, denom = householder_scalars(alpha, below_norm2)
         w = pivot_row + dots_sum / denom
         coef = tl.where(cols2 > j, tau * w, 0.0)
         if program == 0:

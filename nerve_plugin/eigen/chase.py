@@ -18,7 +18,7 @@ Waiting on other programs is safe only if those are running or done. Programs ta
 ticket counter when they start, sweep-major, so every program waits only on a ticket handed out before its own,
 to a program that is already running: progress never depends on how many programs the GPU holds at once or in
 which order it starts them (the decoupled look-back of GPU prefix scans rests on the same argument). Every wait
-is still bounded: after ``SPIN_LIMIT`` polls a program flags its matrix, whose result the caller then discards.
+is still bounded: after ``primitives.SPIN_LIMIT`` polls a program flags its matrix, whose result the caller then discards.
 Triton's interpreter (the CPU tests) runs the programs one after another in ticket order, so it runs this very
 code and never waits.
 
@@ -35,43 +35,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Polls of a progress counter before a program declares its matrix stuck (about 1 us each on an H200, so
-# seconds). Nothing should ever reach it (see the module docstring); it turns a bug into a fallback, not a hang.
-SPIN_LIMIT = 1 << 24
-SPIN_LIMIT_C = tl.constexpr(SPIN_LIMIT)
-
+from .primitives import householder_scalars, wait_until
 
 @triton.jit
 def _reflector(x, first):
     """LAPACK larfg on a register vector: (v, tau, beta) with (I - tau v v^T) x = beta e_1 and v[0] = 1."""
     alpha = tl.sum(tl.where(first, x, 0.0), axis=0)
     rest = tl.where(first, 0.0, x)
-    xnorm2 = tl.sum(rest * rest, axis=0)
-    trivial = xnorm2 == 0.0
-    norm = tl.sqrt(alpha * alpha + xnorm2)
-    beta = tl.where(alpha >= 0.0, -norm, norm)
-    beta = tl.where(trivial, alpha, beta)
-    safe_beta = tl.where(trivial, 1.0, beta)
-    denominator = tl.where(trivial, 1.0, alpha - beta)
-    tau = tl.where(trivial, 0.0, (beta - alpha) / safe_beta)
-    v = tl.where(first, 1.0, rest / denominator)
-    return v, tau, beta
-
-
-@triton.jit
-def _wait(progress_ptr, status_ptr, need):
-    polls = 0
-    # A matrix already flagged stops waiting at once: its result is discarded anyway, and the other
-    # programs must not each spend the whole limit.
-    while (
-        (tl.atomic_add(progress_ptr, 0, sem="acquire") < need)
-        & (polls < SPIN_LIMIT_C)
-        & (tl.load(status_ptr, volatile=True) == 0)
-    ):
-        polls += 1
-    if polls >= SPIN_LIMIT_C:
-        tl.atomic_xchg(status_ptr, 1)
-
+    beta, tau, scale = householder_scalars(alpha, tl.sum(rest * rest, axis=0))
+    return tl.where(first, 1.0, rest / scale), tau, beta
 
 
 # Sizes are not specialisation keys: the residency probe below compiles with other values than the real launch,
@@ -109,7 +81,7 @@ def _chase_kernel(
         steps = tl.cdiv(n - 1 - sweep, BW)
         steps_before = tl.cdiv(n - sweep, BW)  # the previous sweep's step count
         if sweep > 0:
-            _wait(progress + sweep - 1, status, tl.minimum(2, steps_before))
+            wait_until(progress + sweep - 1, status, tl.minimum(2, steps_before))
         # Column ``sweep`` below the diagonal: b entries, zeroed but for the sub-diagonal.
         column = work + sweep * W + 1
         x = tl.load(column + index, cache_modifier=".cg")
@@ -118,7 +90,7 @@ def _chase_kernel(
         r = sweep + 1
         for step in range(0, steps):
             if (sweep > 0) & (step > 0):
-                _wait(progress + sweep - 1, status, tl.minimum(step + 2, steps_before))
+                wait_until(progress + sweep - 1, status, tl.minimum(step + 2, steps_before))
             tile = work + r * W
             # Both sides on the diagonal block: D <- H D H = D - v u^T - u v^T.
             d = tl.load(tile + diagonal_offsets, cache_modifier=".cg")
