@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .budget import OverheadBudget, StepTimes
-from .solve import BackgroundSolver, Job, Key, Solved, default_solver_threads, solve_many, warn_if_not_ok
+from .solve import BackgroundSolver, Job, Key, Solved, default_solver_threads, solve_many, usable_cores, warn_if_not_ok
 from .spectrum import compute_js, normalize_eigs, spectrum_metrics_from_eigs
 from .stats import default_accumulate_dtype, reduce_stats
 from .taps import TAPS, FFNTaps, TapSpec
@@ -76,6 +76,8 @@ class MonitorConfig:
             raise ValueError(f"eigen_solve must be one of {EIGEN_SOLVE_PLACEMENTS}, got {self.eigen_solve!r}")
         if self.solve not in SOLVE_MODES:
             raise ValueError(f"solve must be one of {SOLVE_MODES}, got {self.solve!r}")
+        if not 0 <= self.solver_threads <= usable_cores():
+            raise ValueError(f"solver_threads must be 0 (automatic) or at most this host's {usable_cores()} cores, got {self.solver_threads}")
         if self.eigensolver not in EIGENSOLVERS:
             raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {self.eigensolver!r}")
         if self.max_layers_per_step < 0:
@@ -520,11 +522,11 @@ class NerveMonitor:
 
     # -- memory -----------------------------------------------------------------------------------------------
 
-    def buffer_bytes(self, device: torch.device | str | None = None) -> int:
+    def buffer_bytes(self, device: torch.device | str | None = None, layers_at_once: int | None = None) -> int:
         """Peak bytes of covariance buffers one logging step needs on this rank: the D x D second moments of
         the layers measured at once (the largest rotation window), plus the float64 working copies of the
         merge and of the solves (on GPUs with the batched solver: a chunk of float64 covariances, kept by its
-        CUDA graph between logging steps)."""
+        CUDA graph between logging steps). ``layers_at_once`` overrides max_layers_per_step."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         itemsize = (self.config.accumulate_dtype or default_accumulate_dtype(device)).itemsize
         per_layer: dict[int, int] = {}
@@ -533,7 +535,7 @@ class NerveMonitor:
             for (layer, _), dim in t.dims().items():
                 per_layer[layer] = per_layer.get(layer, 0) + dim * dim * itemsize
                 largest = max(largest, dim)
-        cap = self.config.max_layers_per_step or len(per_layer)
+        cap = layers_at_once or self.config.max_layers_per_step or len(per_layer)
         window = sum(sorted(per_layer.values(), reverse=True)[:cap])
         working = 2 * largest * largest * 8
         if device.type == "cuda" and self.config.eigensolver != "eigvalsh" and largest:
@@ -544,6 +546,17 @@ class NerveMonitor:
             states = min(states, cap * len(self.config.taps))
             working += solver.chunk_size(max(1, states), largest) * largest * largest * 8
         return window + working
+
+
+    def layers_that_fit(self, budget_bytes: float, device: torch.device | str | None = None) -> int:
+        """The most layers one logging step can measure within ``budget_bytes`` (0 if not even one fits)."""
+        tracked = len(self._tracked_layers()) or 1
+        fits = 0
+        for layers in range(1, tracked + 1):
+            if self.buffer_bytes(device, layers_at_once=layers) > budget_bytes:
+                break
+            fits = layers
+        return fits
 
 
 def pair_js(pre: TapResult | None, post: TapResult | None) -> float | None:

@@ -107,6 +107,11 @@ def warn_if_not_ok(step: int, key: Key, solved: Solved) -> None:
         logger.warning(f"nerve step {step}: layer {layer} {tap}: {solved.status}")
 
 
+# How long the training thread waits for the background thread's last solve once it has taken over the rest:
+# a float64 host solve of n = 16384 takes minutes; past this the state is reported failed, not waited for.
+FINISH_TIMEOUT_S = 1800.0
+
+
 @dataclass
 class Job:
     """One logging step's merged states, solved in order by the background thread; ``take`` hands out each
@@ -122,26 +127,48 @@ class Job:
     def __post_init__(self):
         self._lock = threading.Lock()
         self._next = 0
+        self._in_flight: tuple[Key, int, torch.Tensor] | None = None  # the state the thread is solving
+        self.thread: threading.Thread | None = None  # the solver thread, set when submitted
 
-    def take(self) -> tuple[Key, int, torch.Tensor] | None:
+    def take(self, by_thread: bool = False) -> tuple[Key, int, torch.Tensor] | None:
         with self._lock:
             if self._next == len(self.states):
+                self._in_flight = None if by_thread else self._in_flight
                 return None
             item, self.states[self._next] = self.states[self._next], None  # drop our reference once solved
             self._next += 1
+            if by_thread:
+                self._in_flight = item
             return item
 
-    def finish(self, device: torch.device | None) -> dict[Key, Solved]:
+    def finish(self, device: torch.device | None, timeout_s: float = FINISH_TIMEOUT_S) -> dict[Key, Solved]:
         """The results, now: the states the thread has not started are solved here, on ``device`` (the GPU the
         statistics came from: seconds there instead of minutes on the host), then the thread's last one is
-        awaited."""
+        awaited - while the thread lives and at most ``timeout_s``. A state the thread died on is solved here;
+        one it still holds after the timeout is reported failed."""
         if self.ready is not None:
             self.ready.synchronize()
         while (item := self.take()) is not None:
             key, count, m2 = item
             self.results[key] = solve(m2.to(device) if device is not None else m2, count)
             self.taken_by_caller += 1
-        self.done.wait()
+        waited = 0.0
+        while not self.done.wait(timeout=1.0):
+            waited += 1.0
+            if self.thread is not None and not self.thread.is_alive():
+                break
+            if waited >= timeout_s:
+                break
+        with self._lock:
+            stuck, self._in_flight = self._in_flight, None
+        if stuck is not None and stuck[0] not in self.results:
+            key, count, m2 = stuck
+            if self.done.is_set() or (self.thread is not None and not self.thread.is_alive()):
+                self.results[key] = solve(m2.to(device) if device is not None else m2, count)
+                self.taken_by_caller += 1
+            else:
+                self.results[key] = Solved(count, None, f"failed: the solver thread did not answer in {timeout_s:.0f} s",
+                                           int(m2.shape[0]))
         return self.results
 
 
@@ -154,9 +181,10 @@ class BackgroundSolver:
         self._thread: threading.Thread | None = None
 
     def submit(self, job: Job) -> Job:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="nerve-solver", daemon=True)
             self._thread.start()
+        job.thread = self._thread
         self._queue.put(job)
         return job
 
@@ -164,12 +192,15 @@ class BackgroundSolver:
         # MKL/OpenMP thread counts set here apply to this thread's solves; torchrun's OMP_NUM_THREADS=1 would
         # otherwise make an n = 8192 solve take minutes.
         if self.threads:
-            torch.set_num_threads(self.threads)
+            try:
+                torch.set_num_threads(self.threads)
+            except Exception as error:  # solve with what torch has rather than not at all
+                logger.warning(f"nerve: solver_threads = {self.threads} could not be set ({error}); using torch's default")
         while (job := self._queue.get()) is not None:
             try:
                 if job.ready is not None:
                     job.ready.synchronize()
-                while (item := job.take()) is not None:
+                while (item := job.take(by_thread=True)) is not None:
                     key, count, m2 = item
                     job.results[key] = solve(m2, count)
             except Exception as error:  # never let the thread die with a job unanswered
@@ -184,8 +215,13 @@ class BackgroundSolver:
             self._thread = None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_solver_threads() -> int:
     """The cores this process may use, shared with the other local ranks, keeping one for the training loop."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, cores // max(1, local_ranks) - 1)

@@ -63,13 +63,15 @@ def compute_participation_ratio(eigs: torch.Tensor) -> float:
 
 
 def compute_eee(p: torch.Tensor) -> float:
-    """Eigenvalue Early Enrichment of a descending normalised spectrum.
+    """Eigenvalue Early Enrichment of a descending spectrum: normalised (p) or raw eigenvalues (lambda), as the
+    original NerVE's README calls it with either; it is normalised here.
 
     The mean gap between the cumulative spectrum and the uniform diagonal k/D, scaled by its largest
     possible value 1/2 and clamped to [0, 1]: 0 for an isotropic spectrum, ~1 when one direction holds
     all variance.
     """
     p = p.to(torch.float64)
+    p = p / p.sum(dim=-1, keepdim=True)
     d = p.shape[-1]
     diagonal = torch.arange(1, d + 1, dtype=torch.float64, device=p.device) / d
     area = (torch.cumsum(p, dim=-1) - diagonal).mean()

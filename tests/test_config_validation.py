@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, fields
 
 import pytest
+
+from nerve_plugin.solve import usable_cores
 from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, to_toml
 
 from nerve_plugin.torchtitan.config import Nerve, NerveConfigError
@@ -56,7 +58,8 @@ TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
         "solve": Row(1, "async", "one of 'sync', 'overlap'"),
         "max_layers_per_step": Row("2", -1, "0 (all layers) or an integer >= 1"),
         "memory_budget_gb": Row("16", 0.0, "a number of GiB > 0"),
-        "solver_threads": Row(1.5, -1, "0 (automatic) or an integer >= 1"),
+        # bounded by the host: more threads than cores starved the host (and 2^40 killed the solver thread)
+        "solver_threads": Row(1.5, 1099511627776, f"0 (automatic) or an integer from 1 to {usable_cores()} (this host's cores)"),
         # a percentage where a fraction belongs (5 for 5%) is the likely mistake
         "max_overhead": Row("0.05", 5.0, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)"),
         "eigensolver": Row(1, "cusolver", "one of 'auto', 'batched', 'eigvalsh'"),

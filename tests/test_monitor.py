@@ -7,6 +7,7 @@ eigenvalues, the metric formulas written out here.
 import json
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
@@ -299,3 +300,79 @@ def test_tensorboard_resume_marker_hides_stale_points(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+
+
+# -- the background solver never leaves the training thread waiting without a bound -----------------------------
+
+
+def _one_state_job(step=1):
+    from nerve_plugin.solve import Job
+
+    x = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+    m2 = (x - x.mean(0)).T @ (x - x.mean(0))
+    return Job(step, [((0, "pre"), 40, m2)]), m2
+
+
+def test_a_solver_thread_that_hangs_is_not_waited_for_forever(monkeypatch):
+    import threading
+
+    import nerve_plugin.solve as solve_module
+
+    release = threading.Event()
+    real_solve = solve_module.solve
+
+    def hanging_solve(m2, count):
+        if threading.current_thread().name == "nerve-solver":
+            release.wait(30)  # a stuck solve; released at the end so the thread exits
+        return real_solve(m2, count)
+
+    monkeypatch.setattr(solve_module, "solve", hanging_solve)
+    solver = solve_module.BackgroundSolver()
+    job, _ = _one_state_job()
+    solver.submit(job)
+    while job._in_flight is None:  # the thread has taken the state
+        threading.Event().wait(0.01)
+    start = time.monotonic()
+    results = job.finish(None, timeout_s=2.0)
+    assert time.monotonic() - start < 10
+    assert results[(0, "pre")].status.startswith("failed: the solver thread did not answer")
+    release.set()
+    solver.close()
+
+
+def test_a_solver_thread_that_dies_mid_solve_is_taken_over(monkeypatch):
+    import threading
+
+    import nerve_plugin.solve as solve_module
+
+    real_solve = solve_module.solve
+
+    def dying_solve(m2, count):
+        if threading.current_thread().name == "nerve-solver":
+            raise SystemExit  # not an Exception: ends the thread, as a fatal error would
+        return real_solve(m2, count)
+
+    monkeypatch.setattr(solve_module, "solve", dying_solve)
+    solver = solve_module.BackgroundSolver(threads=1099511627776)  # an impossible thread count must not kill it
+    job, m2 = _one_state_job(2)
+    solver.submit(job)
+    results = job.finish(None, timeout_s=30.0)
+    reference = real_solve(m2, 40)
+    assert results[(0, "pre")].status == "ok"
+    np.testing.assert_allclose(results[(0, "pre")].eigenvalues, reference.eigenvalues, rtol=1e-12)
+    assert job.taken_by_caller == 1
+
+
+def test_the_memory_hint_names_a_layer_count_that_fits():
+    # the float64 working copies do not shrink with the layer count: the old hint (budget / per-layer share of
+    # the whole need) named one layer too many
+    monitor = NerveMonitor(Toy(), SPEC, MonitorConfig())
+    per_layer = monitor.buffer_bytes("cpu", layers_at_once=2) - monitor.buffer_bytes("cpu", layers_at_once=1)
+    working = monitor.buffer_bytes("cpu", layers_at_once=1) - per_layer
+    assert working > 0
+    for budget_layers in (1, 2, 3):
+        budget = working + budget_layers * per_layer + per_layer / 2
+        fits = monitor.layers_that_fit(budget, "cpu")
+        assert fits == budget_layers
+        assert monitor.buffer_bytes("cpu", layers_at_once=fits) <= budget < monitor.buffer_bytes("cpu", layers_at_once=fits + 1)
+    assert monitor.layers_that_fit(working / 2, "cpu") == 0

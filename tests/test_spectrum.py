@@ -139,3 +139,13 @@ def test_covariance_input_validation():
         compute_covariance(torch.zeros(3))
     with pytest.raises(ValueError, match="at least 2 rows"):
         compute_covariance(torch.zeros(1, 4))
+
+
+def test_eee_takes_raw_eigenvalues_as_the_original_readme_calls_it():
+    # compute_eee(eigenvalues) in the original README: raw eigenvalues used to give 1.0 (the cumulative sum of
+    # unnormalised values is far above the diagonal) for every spectrum
+    flat = torch.full((64,), 3.5, dtype=torch.float64)
+    assert compute_eee(flat) == pytest.approx(0.0, abs=1e-15)
+    eigs = torch.logspace(2, -3, 50, dtype=torch.float64) * 1e4
+    assert compute_eee(eigs) == pytest.approx(compute_eee(normalize_eigs(eigs)), rel=1e-14)
+    assert 0.0 < compute_eee(eigs) < 1.0

@@ -133,8 +133,8 @@ class NerveSession:
             return
         dims = sorted({d for t in self.monitor.taps for d in t.dims().values()})
         measured = len(self.monitor.selected_layers(1))
-        per_layer = need / max(1, measured)
-        fits = int(budget // per_layer) if per_layer else 0
+        # The float64 working copies do not shrink with fewer layers: ask the same estimate with fewer.
+        fits = self.monitor.layers_that_fit(budget)
         hint = f"set [nerve] max_layers_per_step = {fits} (layers rotate over logging steps)" if fits >= 1 else (
             "measure one tap (taps), sub-sample fewer layers (layers)"
         )
