@@ -233,8 +233,13 @@ def test_buffer_bytes_counts_the_rotation_window():
     working = 2 * HIDDEN**2 * 8
     assert full == LAYERS * per_layer + working
     assert capped == 2 * per_layer + working
-    gpu = NerveMonitor(model, SPEC, MonitorConfig()).buffer_bytes("cuda")
+    gpu = NerveMonitor(model, SPEC, MonitorConfig(eigensolver="eigvalsh")).buffer_bytes("cuda")
     assert gpu == LAYERS * per_layer // 2 + working
+    # the batched solver adds its float64 copies of every covariance solved at once (one chunk: all of them)
+    batched = NerveMonitor(model, SPEC, MonitorConfig()).buffer_bytes("cuda")
+    assert batched == gpu + 2 * LAYERS * HIDDEN**2 * 8
+    capped = NerveMonitor(model, SPEC, MonitorConfig(max_layers_per_step=2)).buffer_bytes("cuda")
+    assert capped == 2 * per_layer // 2 + working + 2 * 2 * HIDDEN**2 * 8
 
 
 def test_jsonl_truncate_from_drops_stale_steps(tmp_path):
