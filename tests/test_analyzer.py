@@ -297,6 +297,7 @@ def test_structure_fallback_and_errors(hf_models):
         NerVEAnalyzer(llama, "phi")
 
 
+@pytest.mark.slow
 def test_analyze_imports_without_transformers():
     code = ("import sys; sys.modules['transformers'] = None\n"
             "import nerve_plugin.analyze, nerve_plugin.analyze.cli\n"

@@ -337,6 +337,7 @@ def _agreeing_rank(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_every_rank_chooses_from_the_slowest_ranks_timings(tmp_path):
     import torch.multiprocessing as mp
 

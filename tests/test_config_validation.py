@@ -215,6 +215,7 @@ def test_command_line_errors_name_the_option(monkeypatch, capsys, args, message)
     assert message in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow
 def test_every_rank_stops_at_start_up_on_its_own(tmp_path):
     # Two ranks of torchtitan.train with the environment torchrun gives them, but no torchrun: its agent ends the
     # other ranks as soon as one fails, which would hide a rank left waiting in a collective. Here a waiting rank

@@ -16,6 +16,9 @@ import pytest
 from torchtitan_harness import (
     REPO_ROOT, TESTS_DIR, base_config, merge, parse_steps, read_metrics, run_torchtitan)
 
+# Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
+pytestmark = pytest.mark.slow
+
 STEPS = 3
 GLOBAL_BATCH = 4  # samples a step, whatever the dp degree
 SEQ_LEN = 64

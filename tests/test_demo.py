@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from torchtitan_harness import REPO_ROOT
 
 from nerve_plugin.torchtitan.demo import format_table
+
+# The demo trains torchtitan's Trainer: the slow part of the suite.
+pytestmark = pytest.mark.slow
 
 
 def test_demo_trains_offline_and_prints_the_last_metrics(tmp_path):

@@ -327,6 +327,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fsdp_matches_torch_muon_and_adamw_bitwise(layout, tmp_path):
     world, mesh_shapes = LAYOUTS[layout]

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, read_metrics, run_torchtitan
 
+# Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
+pytestmark = pytest.mark.slow
+
 STEPS = 6
 SPEC = "nerve_test_llama3_nerve_muon"
 

@@ -20,6 +20,9 @@ import pytest
 import torchtitan
 from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, read_metrics, run_torchtitan
 
+# Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
+pytestmark = pytest.mark.slow
+
 PATCH_DIR = REPO_ROOT / "patches"
 PATCHES = sorted(PATCH_DIR.glob("*.patch"))
 PRISTINE = Path(torchtitan.__file__).parent

@@ -263,3 +263,17 @@ def test_renders_in_headless_chromium_with_every_figure(report, tmp_path):
     assert (np.abs(image - np.array([0xfd, 0xe7, 0x25])).max(axis=2) <= 2).sum() >= 50
     if os.environ.get("NERVE_REPORT_SCREENSHOT"):  # to look at it
         shutil.copy(shot, os.environ["NERVE_REPORT_SCREENSHOT"])
+
+
+def test_invalid_utf8_and_deeply_nested_lines_are_skipped_and_counted(tmp_path):
+    from nerve_plugin.report.data import read_records
+
+    path = tmp_path / "metrics.jsonl"
+    good = json.dumps({"step": 1, "layer": 0, "pre": {"spectral_entropy": 1.0}})
+    with open(path, "wb") as f:
+        f.write(good.encode() + b"\n")
+        f.write(b'{"step": 2, "layer": 0, "x": "\xff\xfe"}\n')  # not UTF-8
+        f.write(("[" * 100000 + "]" * 100000).encode() + b"\n")  # RecursionError in json
+        f.write(json.dumps({"step": 3, "layer": 0}).encode() + b"\n")
+    records, duplicates, unreadable = read_records(str(path))
+    assert sorted(records) == [(1, 0), (3, 0)] and duplicates == 0 and unreadable == 2

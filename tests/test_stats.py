@@ -142,6 +142,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulate_dtype", [torch.float64, torch.float32])
 def test_two_rank_gloo_merge_equals_one_process(accumulate_dtype):
     mp.spawn(_gloo_worker, args=(_free_port(), accumulate_dtype), nprocs=2, join=True)

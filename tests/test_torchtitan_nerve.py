@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from torchtitan_harness import base_config, merge, read_metrics, run_torchtitan
 
+# Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
+pytestmark = pytest.mark.slow
+
 GLOBAL_BATCH = 4  # sequences per step, whatever the layout
 N_LAYERS = 6  # debugmodel
 SEQ_LEN = 64

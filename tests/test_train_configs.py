@@ -185,6 +185,7 @@ TRAINED = ["ffn_width/1x", "ffn_width/2x"]  # the two cheapest (NerVE solves 384
 # variants themselves train in tests/test_variants.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINED)
 def test_smoke_trains_config(tmp_path, name):
     import json

@@ -524,6 +524,7 @@ def variant_job(tmp_path, flavor, variant, layout, extra=None):
     }), layout), extra or {})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TT_VARIANTS))
 def test_training_with_nerve(tmp_path, name):
     from torchtitan_harness import read_metrics, run_torchtitan
@@ -560,6 +561,7 @@ def test_training_with_nerve(tmp_path, name):
             assert all(r["max_row_norm_error"] < 1e-5 for r in rows), rows
 
 
+@pytest.mark.slow
 def test_trainer_refuses_unsupported_parallelism_at_start_up(tmp_path):
     from torchtitan_harness import run_torchtitan
 

@@ -60,16 +60,17 @@ def _number(value) -> float:
 def read_records(path: str) -> tuple[dict[tuple[int, int], dict], int, int]:
     """{(step, layer): record} (the last of each), the number of replaced records and of unreadable lines."""
     records, duplicates, unreadable = {}, 0, 0
-    with open(path) as f:
+    # Bytes: a line of invalid UTF-8 (a crash mid-write, a corrupted disk) is one unreadable line, not the end.
+    with open(path, "rb") as f:
         for line in f:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)  # Python reads NaN and Infinity too
+                record = json.loads(line.decode("utf-8"))  # Python reads NaN and Infinity too
                 key = (record["step"], record["layer"])
                 if not all(isinstance(k, int) and not isinstance(k, bool) for k in key):
                     raise TypeError(key)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
                 unreadable += 1
                 continue
             duplicates += key in records
