@@ -93,23 +93,16 @@ def run_original(initial, batch, path, logging_steps=2, normal_steps=10):
     state, control = SimpleNamespace(global_step=0), SimpleNamespace()
     callback.on_train_begin(None, state, control, model=model)
     torch.manual_seed(123)
-    logging = []
-    for s in range(1, logging_steps + 1):
-        def one():
-            state.global_step = s
-            callback.on_step_begin(None, state, control)
-            step()
-            callback.on_step_end(None, state, control)
-        logging.append(timed(one)[0])
+
+    def one_step(s):
+        state.global_step = s
+        callback.on_step_begin(None, state, control)
+        step()
+        callback.on_step_end(None, state, control)
+
+    logging = [timed(lambda: one_step(s))[0] for s in range(1, logging_steps + 1)]
     callback.log_steps = 10**9
-    normal = []
-    for s in range(logging_steps + 1, logging_steps + 1 + normal_steps):
-        def one():
-            state.global_step = s
-            callback.on_step_begin(None, state, control)
-            step()
-            callback.on_step_end(None, state, control)
-        normal.append(timed(one)[0])
+    normal = [timed(lambda: one_step(s))[0] for s in range(logging_steps + 1, logging_steps + 1 + normal_steps)]
     metrics = {}
     for name in glob.glob(os.path.join(out, "layer_*_eigen.txt")):
         layer = int(re.search(r"layer_(\d+)_", name).group(1))

@@ -12,38 +12,18 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import nerve_plugin.solve as solve_module
 from nerve_plugin.monitor import MonitorConfig, NerveMonitor
-from nerve_plugin.taps import TapPoint, TapSpec
 from nerve_plugin.writers import JsonlWriter
+from toy_model import SPEC, ToyModel
 
-SPEC = TapSpec(blocks="layers", pre=TapPoint("w1", "output"), post=TapPoint("w2", "input"))
 DIM, HIDDEN, LAYERS = 8, 12, 5
 
 
-class Block(nn.Module):
+class Toy(ToyModel):
     def __init__(self):
-        super().__init__()
-        self.w1, self.w2 = nn.Linear(DIM, HIDDEN), nn.Linear(HIDDEN, DIM)
-
-    def forward(self, x):
-        h = self.w2(torch.relu(self.w1(x)))
-        # keep the residual stream finite when a test poisons one FFN, so only that layer's statistics are hit
-        return x + torch.where(torch.isfinite(h), h, torch.zeros_like(h))
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList(Block() for _ in range(LAYERS))
-
-    def forward(self, x):
-        for block in self.layers:
-            x = block(x)
-        return x
+        super().__init__(DIM, HIDDEN, LAYERS)
 
 
 def batches(step):
