@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +16,8 @@ from .taps import TAPS
 
 METRICS = ("spectral_entropy", "participation_ratio", "eee")
 METRIC_TITLES = {"spectral_entropy": "Spectral entropy", "participation_ratio": "Participation ratio", "eee": "EEE"}
+
+logger = logging.getLogger(__name__)
 
 
 def scalar_tag(metric: str, tap: str | None, layer: int) -> str:
@@ -96,11 +100,53 @@ class JsonlWriter:
     def __init__(self, path: str):
         self.path = path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._tail_checked = False
 
     def write(self, step: int, records: list[LayerRecord]) -> None:
+        if not self._tail_checked:
+            self._drop_partial_last_line()
+            self._tail_checked = True
         with open(self.path, "a") as f:
             for record in records:
                 f.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
+
+    def _drop_partial_last_line(self) -> None:
+        """A crash mid-write leaves a last line without its newline; appending to it would glue the next record
+        onto it, so it is cut off (it was unreadable anyway)."""
+        if not os.path.isfile(self.path) or os.path.getsize(self.path) == 0:
+            return
+        with open(self.path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            size = f.seek(0, os.SEEK_END)
+            keep = 0
+            while size > 0:  # back to the last newline, a block at a time
+                start = max(0, size - 65536)
+                f.seek(start)
+                block = f.read(size - start)
+                newline = block.rfind(b"\n")
+                if newline >= 0:
+                    keep = start + newline + 1
+                    break
+                size = start
+            f.truncate(keep)
+        logger.warning(f"nerve: dropped a partial last line of {self.path} (an interrupted write)")
+
+    def start_fresh(self) -> str | None:
+        """A run starting at step 1 into a folder that already holds records (an earlier attempt that crashed
+        before its first checkpoint, or another run): keep them aside, under a new name that is returned, and
+        start an empty file, so the new run's steps are not mixed with stale ones."""
+        if not os.path.isfile(self.path) or os.path.getsize(self.path) == 0:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = f"{self.path}.{stamp}", 1
+        while os.path.exists(aside):
+            n += 1
+            aside = f"{self.path}.{stamp}-{n}"
+        os.replace(self.path, aside)
+        logger.warning(f"nerve: a fresh run (step 1): the records already in {self.path} are kept as {aside}")
+        return aside
 
     def truncate_from(self, step: int) -> None:
         """After a resume at ``step``: drop the records of steps >= ``step`` that an interrupted attempt wrote

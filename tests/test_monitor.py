@@ -361,3 +361,29 @@ def test_the_memory_hint_names_a_layer_count_that_fits():
         assert fits == budget_layers
         assert monitor.buffer_bytes("cpu", layers_at_once=fits) <= budget < monitor.buffer_bytes("cpu", layers_at_once=fits + 1)
     assert monitor.layers_that_fit(working / 2, "cpu") == 0
+
+
+def _record(step, layer=0):
+    from nerve_plugin.monitor import LayerRecord
+
+    return LayerRecord(step=step, layer=layer, js=0.5)
+
+
+def test_a_partial_last_line_never_swallows_the_next_record(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"step": 1, "layer": 0}) + "\n" + '{"step": 2, "lay')  # a crash mid-write
+    JsonlWriter(str(path)).write(3, [_record(3)])
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 3]  # every line parses; the cut one is gone
+
+
+def test_a_fresh_run_keeps_an_earlier_attempts_records_aside(tmp_path):
+    path = tmp_path / "m.jsonl"
+    stale = json.dumps({"step": 1, "layer": 0, "js": 0.1}) + "\n" + json.dumps({"step": 5, "layer": 0}) + "\n"
+    path.write_text(stale)
+    writer = JsonlWriter(str(path))
+    aside = writer.start_fresh()
+    writer.write(1, [_record(1)])
+    assert open(aside).read() == stale
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "layer": 0, "js": 0.5}]
+    assert JsonlWriter(str(tmp_path / "none.jsonl")).start_fresh() is None

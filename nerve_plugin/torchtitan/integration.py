@@ -217,6 +217,11 @@ class NerveSession:
             # A resumed run: what an earlier attempt logged from here on is stale and is logged again now.
             for writer in writers:
                 writer.truncate_from(self.first_step)
+        elif self.first_step == 1:
+            # A fresh run: records already there belong to an attempt this run does not continue.
+            for writer in writers:
+                if isinstance(writer, JsonlWriter):
+                    writer.start_fresh()
         return writers
 
 
