@@ -22,7 +22,7 @@ from typing import Callable
 from torch import nn
 
 from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
-from .taps import TapPoint, TapSpec
+from .taps import TapPoint, TapSpec, find_blocks
 from .writers import JsonlWriter, TensorBoardWriter
 
 
@@ -62,7 +62,14 @@ class NerveLoop:
         **monitor_options,
     ):
         config = MonitorConfig(log_freq=log_freq, **monitor_options)
-        self.monitor = NerveMonitor(model, ffn_spec(blocks, up, down), config, groups, clock=clock).attach()
+        spec = ffn_spec(blocks, up, down)
+        if config.layers is not None:
+            # One model, all of it here (no pipeline stages): a layer it does not have would never be measured.
+            known = {index for index, _ in find_blocks(model, spec)}
+            if any(layer not in known for layer in config.layers):
+                raise ValueError(f"[nerve] layers = {config.layers} is not allowed: expected indices of the "
+                                 f"model's {len(known)} blocks (0..{len(known) - 1}), or None for all")
+        self.monitor = NerveMonitor(model, spec, config, groups, clock=clock).attach()
         self._jsonl = jsonl
         self._tensorboard = tensorboard
         self._owned_summary_writer = None

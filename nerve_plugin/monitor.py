@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .budget import OverheadBudget, StepTimes
+from .config_checks import SectionChecks
 from .solve import BackgroundSolver, Job, Key, Solved, default_solver_threads, solve_many, usable_cores, warn_if_not_ok
 from .spectrum import compute_js, normalize_eigs, spectrum_metrics_from_eigs
 from .stats import default_accumulate_dtype, reduce_stats
@@ -70,20 +71,34 @@ class MonitorConfig:
     max_overhead: float = 0.05  # amortized NerVE time / training time the layer choice keeps to; 0: no budget
 
     def __post_init__(self):
-        if self.log_freq < 1:
-            raise ValueError(f"log_freq must be >= 1, got {self.log_freq}")
-        if self.eigen_solve not in EIGEN_SOLVE_PLACEMENTS:
-            raise ValueError(f"eigen_solve must be one of {EIGEN_SOLVE_PLACEMENTS}, got {self.eigen_solve!r}")
-        if self.solve not in SOLVE_MODES:
-            raise ValueError(f"solve must be one of {SOLVE_MODES}, got {self.solve!r}")
-        if not 0 <= self.solver_threads <= usable_cores():
-            raise ValueError(f"solver_threads must be 0 (automatic) or at most this host's {usable_cores()} cores, got {self.solver_threads}")
-        if self.eigensolver not in EIGENSOLVERS:
-            raise ValueError(f"eigensolver must be one of {EIGENSOLVERS}, got {self.eigensolver!r}")
-        if self.max_layers_per_step < 0:
-            raise ValueError(f"max_layers_per_step must be >= 0, got {self.max_layers_per_step}")
-        if not (math.isfinite(self.max_overhead) and 0 <= self.max_overhead < 1):
-            raise ValueError(f"max_overhead must be a fraction in [0, 1) (0: no budget), got {self.max_overhead}")
+        # The checks (and messages) of the [nerve] TOML section, so NerveLoop and the torchtitan route refuse
+        # the same values the same way.
+        check = SectionChecks("nerve", ValueError)
+        check.integer("log_freq", self.log_freq, "an integer >= 1", lambda v: v >= 1)
+        if not isinstance(self.taps, (tuple, list)) or not self.taps or any(t not in TAPS for t in self.taps) \
+                or len(set(self.taps)) != len(self.taps):
+            check.fail("taps", self.taps, f"distinct values from {list(TAPS)}")
+        if self.layers is not None and (
+            not isinstance(self.layers, (list, tuple))
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers)
+        ):
+            check.fail("layers", self.layers, "a list of layer indices >= 0 (None for all layers)")
+        if self.max_tokens_per_forward is not None:
+            check.integer("max_tokens_per_forward", self.max_tokens_per_forward, "None (all tokens) or an integer >= 2",
+                          lambda v: v >= 2)
+        check.choice("eigen_solve", self.eigen_solve, EIGEN_SOLVE_PLACEMENTS)
+        check.integer("seed", self.seed, "an integer")
+        check.choice("solve", self.solve, SOLVE_MODES)
+        check.integer("max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1",
+                      lambda v: v >= 0)
+        if self.model_layers is not None:
+            check.integer("model_layers", self.model_layers, "None or an integer >= 1", lambda v: v >= 1)
+        cores = usable_cores()
+        check.integer("solver_threads", self.solver_threads,
+                      f"0 (automatic) or an integer from 1 to {cores} (this host's cores)", lambda v: 0 <= v <= cores)
+        check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
+        check.number("max_overhead", self.max_overhead, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
+                     lambda v: 0 <= v < 1)
 
     def is_log_step(self, step: int) -> bool:
         # The same rule as torchtitan's own metrics: step 1, then every log_freq steps.

@@ -246,3 +246,20 @@ def test_records_of_an_earlier_step_are_written_at_their_own_step(tmp_path):
     js = {(e.step, v.tag): v.tensor.float_val[0] for e in EventFileLoader(str(events)).Load() for v in e.summary.value
           if v.tag.startswith("nerve/js/")}
     assert js == pytest.approx({(r.step, f"nerve/js/layer_{r.layer:03d}"): r.js for r in records}, rel=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"layers": [99]}, "[nerve] layers = [99] is not allowed: expected indices of the model's"),
+    ({"log_freq": float("nan")}, "[nerve] log_freq = nan is not allowed: expected an integer >= 1"),
+    ({"log_freq": 2.5}, "[nerve] log_freq = 2.5 is not allowed: expected an integer >= 1"),
+    ({"log_freq": True}, "[nerve] log_freq = True is not allowed: expected an integer >= 1"),
+    ({"max_overhead": 5.0}, "[nerve] max_overhead = 5.0 is not allowed: expected a fraction in [0, 1)"),
+    ({"taps": ("pre", "middle")}, "[nerve] taps = ('pre', 'middle') is not allowed: expected distinct values"),
+    ({"max_layers_per_step": -1}, "[nerve] max_layers_per_step = -1 is not allowed"),
+])
+def test_nerve_loop_refuses_what_the_toml_refuses(options, message):
+    # these used to pass: layers=[99] measured nothing, log_freq=nan logged step 1 only, 2.5 logged 1 and 5
+    kwargs = {"blocks": "transformer.h", "up": "mlp.c_fc", "down": "mlp.c_proj", "log_freq": 10, **options}
+    with pytest.raises(ValueError) as error:
+        NerveLoop(GPT(), **kwargs)
+    assert str(error.value).startswith(message)
