@@ -23,7 +23,7 @@ from torch import nn
 
 from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
 from .taps import TapPoint, TapSpec, find_blocks
-from .writers import JsonlWriter, TensorBoardWriter
+from .writers import JsonlWriter, TensorBoardWriter, write_all
 
 
 def ffn_spec(blocks: str, up: str, down: str) -> TapSpec:
@@ -124,8 +124,7 @@ class NerveLoop:
         if self._writers is None:
             self._writers = self._build_writers()
         for step, step_records in records_by_step(records).items():
-            for writer in self._writers:
-                writer.write(step, step_records)
+            self._writers = write_all(self._writers, step, step_records)
 
     def _build_writers(self) -> list:
         writers = []

@@ -94,21 +94,48 @@ class TensorBoardWriter:
         self.writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
+def write_all(writers: list, step: int, records: list[LayerRecord]) -> list:
+    """Hand a step's records to every writer; the writers that still work. A writer that raises (an unwritable
+    folder, a full disk, a path that is a folder) is reported once, naming why, and dropped: training goes on
+    without it, as it would with NerVE off."""
+    working = []
+    for writer in writers:
+        try:
+            writer.write(step, records)
+            working.append(writer)
+        except Exception as error:
+            where = getattr(writer, "path", type(writer).__name__)
+            logger.error(f"nerve: writing step {step} to {where} failed ({type(error).__name__}: {error}); "
+                         f"nerve stops writing there, training goes on")
+    return working
+
+
 class JsonlWriter:
     """One JSON object per (step, layer), appended and flushed at each logging step."""
 
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._tail_checked = False
 
     def write(self, step: int, records: list[LayerRecord]) -> None:
         if not self._tail_checked:
+            # Here, not in __init__: a folder that cannot be made is then one failed write (see write_all).
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._drop_partial_last_line()
             self._tail_checked = True
+        text = "".join(json.dumps(record.to_json(), allow_nan=False) + "\n" for record in records)
         with open(self.path, "a") as f:
-            for record in records:
-                f.write(json.dumps(record.to_json(), allow_nan=False) + "\n")
+            start = f.tell()
+            try:
+                f.write(text)
+                f.flush()
+            except OSError:
+                # A full disk may have taken part of the text: leave whole lines only.
+                try:
+                    f.truncate(start)
+                except OSError:
+                    pass
+                raise
 
     def _drop_partial_last_line(self) -> None:
         """A crash mid-write leaves a last line without its newline; appending to it would glue the next record

@@ -4,6 +4,7 @@ hooks, and training must be bitwise the same with the monitor on and off.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -263,3 +264,34 @@ def test_nerve_loop_refuses_what_the_toml_refuses(options, message):
     with pytest.raises(ValueError) as error:
         NerveLoop(GPT(), **kwargs)
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("where", ["a folder", "a full disk", "an unmakeable folder"])
+def test_a_failing_writer_is_reported_once_and_training_goes_on(tmp_path, caplog, where):
+    # these stopped training at the first logging step, where NerVE off would have trained on
+    if where == "a folder":
+        path = tmp_path / "metrics.jsonl"
+        path.mkdir()
+    elif where == "a full disk":
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full here")
+        path = "/dev/full"  # every write fails with ENOSPC
+    else:
+        (tmp_path / "file").write_text("")
+        path = tmp_path / "file" / "nerve" / "metrics.jsonl"  # a folder below a file
+    torch.manual_seed(0)
+    model = GPT()
+    nerve = NerveLoop(model, blocks="transformer.h", up="mlp.c_fc", down="mlp.c_proj", log_freq=2, jsonl=str(path))
+    logged = []
+    with caplog.at_level("ERROR", logger="nerve_plugin.writers"):
+        for step in range(1, 6):
+            nerve.begin_step(step)
+            x, y = get_batch(step, 0)
+            model(x, y).backward()
+            records = nerve.end_step(step)
+            if records:
+                logged.append(step)
+        nerve.close()
+    assert logged == [1, 2, 4]  # the monitor kept measuring; only the writing stopped
+    failures = [r for r in caplog.records if "nerve stops writing there" in r.getMessage()]
+    assert len(failures) == 1 and str(path) in failures[0].getMessage()

@@ -41,7 +41,7 @@ from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
 from nerve_plugin.variants import SPEC_NAME as VARIANT_SPEC
 from nerve_plugin.variants import get_train_spec as variant_train_spec
-from nerve_plugin.writers import JsonlWriter, TensorBoardWriter
+from nerve_plugin.writers import JsonlWriter, TensorBoardWriter, write_all
 
 CORPUS_DATASET = "python_stdlib"  # training.dataset naming nerve's offline corpus (see corpus.py)
 
@@ -97,7 +97,7 @@ class NerveSession:
         )
         self.monitor: NerveMonitor | None = None
         self.lr_schedulers = None
-        self.writers: list = []
+        self.writers: list | None = None  # built at the first write; writers that fail are dropped
         self.pipelined = False
         self.in_pipeline_chunk = 0
         self.first_step: int | None = None  # the first step this process trains (> 1 after a resume)
@@ -192,10 +192,9 @@ class NerveSession:
         return bool(checkpoint.enable and checkpoint.interval > 0 and step % checkpoint.interval == 0)
 
     def _write(self, step: int, records: list[LayerRecord], metrics_processor: MetricsProcessor) -> None:
-        if not self.writers:
+        if self.writers is None:
             self.writers = self._build_writers(metrics_processor)
-        for writer in self.writers:
-            writer.write(step, records)
+        self.writers = write_all(self.writers, step, records)
         pre = [r.pre.spectral_entropy for r in records if r.pre]
         post = [r.post.spectral_entropy for r in records if r.post]
         summary = f"nerve step {step}: {len(records)} layers, merge {self.monitor.last_duration_s:.2f}s"
@@ -213,16 +212,20 @@ class NerveSession:
                 logger.warning("[nerve] outputs has 'tensorboard' but metrics.enable_tensorboard is off on this rank")
         if "jsonl" in self.config.outputs:
             writers.append(JsonlWriter(jsonl_path(self.job_config)))
-        if self.first_step is not None and self.first_step > 1:
-            # A resumed run: what an earlier attempt logged from here on is stale and is logged again now.
-            for writer in writers:
-                writer.truncate_from(self.first_step)
-        elif self.first_step == 1:
-            # A fresh run: records already there belong to an attempt this run does not continue.
-            for writer in writers:
-                if isinstance(writer, JsonlWriter):
+        usable = []
+        for writer in writers:
+            try:
+                if self.first_step is not None and self.first_step > 1:
+                    # A resumed run: what an earlier attempt logged from here on is stale and is logged again.
+                    writer.truncate_from(self.first_step)
+                elif self.first_step == 1 and isinstance(writer, JsonlWriter):
+                    # A fresh run: records already there belong to an attempt this run does not continue.
                     writer.start_fresh()
-        return writers
+                usable.append(writer)
+            except OSError as error:
+                logger.error(f"nerve: preparing {getattr(writer, 'path', writer)} failed ({error}); nerve does not "
+                             f"write there, training goes on")
+        return usable
 
 
 def jsonl_path(job_config) -> str:
