@@ -133,7 +133,8 @@ class Job:
     def take(self, by_thread: bool = False) -> tuple[Key, int, torch.Tensor] | None:
         with self._lock:
             if self._next == len(self.states):
-                self._in_flight = None if by_thread else self._in_flight
+                if by_thread:  # the thread finished its last state
+                    self._in_flight = None
                 return None
             item, self.states[self._next] = self.states[self._next], None  # drop our reference once solved
             self._next += 1

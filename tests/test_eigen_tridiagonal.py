@@ -92,24 +92,14 @@ def test_random_certified_by_extended_precision_counts(random_64):
         assert (sturm_count_extended(dn, en, values + delta) > index).all()
 
 
-def test_second_difference_closed_form():
-    """d = 2, e = -1: eigenvalues 2 - 2 cos(k pi / (n + 1)), known exactly."""
-    n = 40
+@pytest.mark.parametrize("n, newton", [(40, True), (24, False)])
+def test_second_difference_closed_form(n, newton):
+    """d = 2, e = -1: eigenvalues 2 - 2 cos(k pi / (n + 1)), known exactly; Newton-assisted and plain bisection."""
     d = torch.full((1, n), 2.0, dtype=torch.float64, device=DEVICE)
     e = torch.full((1, n - 1), -1.0, dtype=torch.float64, device=DEVICE)
     k = torch.arange(1, n + 1, dtype=torch.float64, device=DEVICE)
     exact = 2 - 2 * torch.cos(k * math.pi / (n + 1))
-    error = (tridiagonal_eigvalsh(d, e)[0] - exact).abs().max().item()
-    assert error <= 4 * EPS * 4, f"error {error / EPS:.2f} eps"
-
-
-def test_plain_bisection_matches_closed_form():
-    n = 24
-    d = torch.full((1, n), 2.0, dtype=torch.float64, device=DEVICE)
-    e = torch.full((1, n - 1), -1.0, dtype=torch.float64, device=DEVICE)
-    k = torch.arange(1, n + 1, dtype=torch.float64, device=DEVICE)
-    exact = 2 - 2 * torch.cos(k * math.pi / (n + 1))
-    error = (tridiagonal_eigvalsh(d, e, newton=False)[0] - exact).abs().max().item()
+    error = (tridiagonal_eigvalsh(d, e, newton=newton)[0] - exact).abs().max().item()
     assert error <= 4 * EPS * 4, f"error {error / EPS:.2f} eps"
 
 

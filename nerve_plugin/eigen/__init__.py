@@ -5,9 +5,10 @@ A logging step holds many covariances of one size (two taps x every layer). cuSO
 package reduces them all at once, in three stages, every one batched over the matrices:
 
 1. ``band.reduce_to_band``: dense -> band of width ``b`` by blocked Householder reflections; the trailing
-   updates are float64 matrix products (tensor cores on Hopper), so this stage runs near the compute floor.
-2. ``chase.band_to_tridiagonal``: band -> tridiagonal by bulge chasing, a Triton kernel in which several
-   programs per matrix chase consecutive sweeps in a pipeline.
+   updates are float64 matrix products (tensor cores on Hopper), bound by the trailing matrix's memory traffic
+   (README, Performance).
+2. ``chase.band_to_tridiagonal``: band -> tridiagonal by bulge chasing, a Triton kernel in which each program
+   chases one sweep of one matrix, following the previous sweep in a pipeline.
 3. ``tridiagonal.tridiagonal_eigvalsh``: every eigenvalue of the tridiagonal matrices by Sturm-count
    bisection, a Triton kernel, one lane per eigenvalue.
 
@@ -86,7 +87,6 @@ class BatchedEigensolver:
         self.workspace_bytes = workspace_bytes
         self.graphs = graphs
         self._captured: dict[tuple, _Captured] = {}
-        self.fallbacks = 0  # matrices that needed torch.linalg.eigvalsh
 
     def release(self) -> None:
         self._captured.clear()
@@ -146,7 +146,6 @@ class BatchedEigensolver:
             out[lo:hi] = eigenvalues.flip(-1)
             bad = (~good).nonzero().flatten().tolist()  # one host sync per chunk: the results are needed now
             for i in bad:
-                self.fallbacks += 1
                 fell_back.add(lo + i)
                 logger.warning(f"nerve: batched eigen-solve of a {dim} x {dim} matrix failed its checks; using eigvalsh")
                 m = matrices[lo + i].to(torch.float64)
