@@ -82,6 +82,35 @@ def run_nerve(initial, batch, solver, logging_steps=5, normal_steps=10):
     return logging, median(normal), first, median(own[1:])
 
 
+def profile_nerve(initial, batch, rows=25):
+    """One warm logging step of NerveLoop (batched solver) with the training step's GPU work finished before
+    end_step, so end_step's time is NerVE's alone; then torch.profiler over that end_step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nerve_plugin.loop import NerveLoop
+
+    model = copy.deepcopy(initial)
+    step = make_step(model, batch)
+    loop = NerveLoop(model, blocks="transformer.h", up="mlp.c_fc", down="mlp.c_proj", log_freq=1)
+    own = []
+    for s in range(1, 5):
+        loop.begin_step(s)
+        step()
+        seconds, _ = timed(lambda: loop.end_step(s))
+        own.append(seconds)
+    print(f"end_step after the step's GPU work (NerVE's merge + solves + records): "
+          f"{', '.join(f'{t * 1e3:.0f}' for t in own)} ms")
+    loop.begin_step(5)
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        loop.end_step(5)
+        torch.cuda.synchronize()
+    loop.close()
+    for key in ("cuda_time_total", "cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def run_original(initial, batch, path, logging_steps=2, normal_steps=10):
     sys.path.insert(0, path)
     from nerve.callback import FFNEigenMetricsCallback  # the original, unmodified
@@ -116,6 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--original", default=None, help="folder holding the original NerVE package `nerve`")
     parser.add_argument("--tokens", default="16x512")
+    parser.add_argument("--profile", action="store_true", help="also profile one logging step of the batched arm")
     args = parser.parse_args()
     batch_size, seq = (int(v) for v in args.tokens.split("x"))
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -152,6 +182,8 @@ def main():
               f"PR pre {metrics[0]['PR_pre']:.2f}; nerve batched SE pre {ours[0].pre.spectral_entropy:.3f} "
               f"post {ours[0].post.spectral_entropy:.3f} PR pre {ours[0].pre.participation_ratio:.2f}; "
               f"max |SE pre difference| over layers {worst:.4f} (the original prints 3 decimals)")
+    if args.profile:
+        profile_nerve(initial, batch)
     a, b = results["batched"], results["eigvalsh"]
     worst = 0.0
     for ra, rb in zip(a, b):

@@ -237,3 +237,20 @@ def test_solve_many_routes_and_reports():
     assert results[(0, "pre")].status == "ok"
     np.testing.assert_allclose(results[(0, "pre")].eigenvalues, reference.eigenvalues, rtol=1e-10, atol=1e-12)
     assert results[(1, "pre")].eigenvalues.tolist() == [1.0 / 9] * 5  # too small to batch: eigvalsh
+
+
+def test_plan_takes_larger_eager_chunks_only_where_they_pay():
+    """Beyond the held (captured) workspace, large matrices go in fewer, larger one-off chunks within the eager
+    bound and half the free memory; small matrices and small eager chunks stay captured."""
+    n = 64
+    matrix = n * n * 8
+    solver = BatchedEigensolver(workspace_bytes=4 * matrix, eager_workspace_bytes=40 * matrix, eager_min_dim=64)
+    assert solver.plan(4, n) == (4, True)  # fits the held workspace
+    assert solver.plan(32, n) == (32, False)  # 32 * 1.1 matrices fit the eager bound: one chunk
+    assert solver.plan(48, n) == (24, False)  # two balanced chunks
+    assert solver.plan(32, n, free_bytes=40 * matrix) == (16, False)  # half the free memory: 18 fit
+    assert solver.plan(32, n, free_bytes=20 * matrix) == (4, True)  # 9 fit: below 16 a chunk, captured chunks
+    assert solver.plan(32, n - 1) == (4, True)  # below eager_min_dim
+    assert solver.chunk_size(32, n) == 4  # what buffer_bytes counts: the held chunk
+    small = BatchedEigensolver(workspace_bytes=4 * matrix, eager_workspace_bytes=4 * matrix, eager_min_dim=64)
+    assert small.plan(32, n) == (4, True)  # the eager bound holds no more than the held workspace

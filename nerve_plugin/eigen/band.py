@@ -9,9 +9,11 @@ b. T (r x r, upper triangular) of the compact WY form comes from T^{-1} = diag(1
 c. the trailing matrix A22 = A[r0:, r0:] becomes H^T A22 H = A22 - V W^T - W V^T with X = A22 V T,
    M = T^T V^T X and W = X - M V / 2.
 
-Step c holds nearly all the flops (about 2 n^3 per matrix: X and the rank-2b update are both full m x m
-products) and runs as float64 batched matrix products on strided views of the input, which cuBLAS reads in
-place (unit column stride, leading dimension n), so no m x m copy is ever made. Step a is O(n^2 b) but
+Step c holds nearly all the flops and runs as float64 batched matrix products on strided views of the input,
+which cuBLAS reads in place (unit column stride, leading dimension n), so no m x m copy is ever made. Symmetry
+halves the update: only the lower block columns of A22 (and its diagonal blocks whole) are kept current, and
+A22 V T is assembled from them and their transposes (``_block_columns``): about (2/3 + 2/3) n^3 flops a matrix
+instead of (2/3 + 4/3) n^3, the rank-2b updates of ``update_group`` panels applied together. Step a is O(n^2 b) but
 sequential over columns; on the GPU it is a Triton kernel, because cuSOLVER's geqrf loops over the batch and a
 column loop of small torch ops costs about ten launches per column. Two kernels do the same math:
 - "triton" (``_householder_column_step``): one launch per column for the whole batch; the launch boundary is the
@@ -64,6 +66,7 @@ def reduce_to_band(
     panel_tiling: tuple[int, int] | None = None,
     status: Tensor | None = None,
     update_group: int = 4,
+    update_block: int | None = None,
 ) -> Tensor:
     """Lower band storage (B, n, bandwidth + 1) of a matrix orthogonally similar to each symmetric a[i].
 
@@ -85,6 +88,9 @@ def reduce_to_band(
     inner dimension 2 g b reads and writes it once per g panels instead of once per panel; in between, each
     panel's columns and its product with the trailing matrix are corrected by the pending updates (products with
     the thin V and W only).
+    update_block: the block columns of the symmetric trailing matrix (``_block_columns``): only the lower ones
+    are updated and read. None: 512 columns below n = 8192, 1024 from there (fewer, larger products); n or more:
+    the whole square, both triangles.
     """
     if a.dim() != 3 or a.shape[1] != a.shape[2]:
         raise ValueError(f"expected a batch of square matrices (B, n, n), got shape {tuple(a.shape)}")
@@ -96,6 +102,8 @@ def reduce_to_band(
         raise ValueError(f"bandwidth must be positive, got {bandwidth}")
     if update_group < 1:
         raise ValueError(f"update_group must be >= 1, got {update_group}")
+    if update_block is not None and update_block < 1:
+        raise ValueError(f"update_block must be >= 1, got {update_block}")
     method = panel or (_CUDA_DEFAULT_PANEL if a.is_cuda else "torch")
     if method not in _PANEL_METHODS:
         raise ValueError(f"panel must be one of {_PANEL_METHODS}, got {panel!r}")
@@ -112,8 +120,10 @@ def reduce_to_band(
         if method == "persistent" and len(starts):
             # Row 0: the stall flags; row 1 + i: the barrier counters of panel i. One memset for the whole stage.
             sync = torch.zeros(1 + len(starts), batch, dtype=torch.int32, device=a.device)
-        _mirror_lower_to_upper_(a)
-        pending = _PendingUpdates()
+        block = update_block or _default_update_block(n, a.device)
+        _mirror_diagonal_blocks_(a, block)
+        pending = _PendingUpdates(a, update_group, bandwidth)
+        waiting = 0
         for i, k in enumerate(starts):
             r0 = k + bandwidth
             pending.make_current(a[:, k:, k:r0], k)
@@ -121,12 +131,20 @@ def reduce_to_band(
                 a[:, r0:, k:r0], method=method, tiling=panel_tiling,
                 counters=None if sync is None else sync[1 + i], flags=None if sync is None else sync[0],
             )  # fmt: skip
-            pending.add(v, _two_sided_factor(a[:, r0:, r0:], v, tau, pending, r0), r0)
-            if len(pending) == update_group or i == len(starts) - 1:
-                pending.apply(a, r0)
+            pending.add(v, _two_sided_factor(a, v, tau, pending, r0, block), r0)
+            waiting += 1
+            if waiting == update_group or i == len(starts) - 1:
+                pending.apply(a, r0, block)
+                waiting = 0
         if status is not None and sync is not None:
             status.bitwise_or_(sync[0])
         return _lower_band(a, bandwidth)
+
+
+def _default_update_block(n: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return max(8, n // 4)  # the tests' small matrices still cross several blocks
+    return 512 if n < 8192 else 1024
 
 
 def householder_panel(
@@ -580,54 +598,93 @@ def _householder_panel_persistent_kernel(
 
 
 class _PendingUpdates:
-    """The (V, W) of panels whose update A <- A - V W^T - W V^T has not reached the trailing matrix yet, as
-    column blocks over the rows from the first of them on (zero above each panel's own first row)."""
+    """The (V, W) of panels whose update A <- A - V W^T - W V^T has not reached the trailing matrix yet.
 
-    def __init__(self):
-        self.v: list[Tensor] = []
-        self.w: list[Tensor] = []
+    Kept in two preallocated buffers over the matrix's absolute rows, L = [V_1 W_1 V_2 W_2 ...] and
+    R = [W_1 V_1 W_2 V_2 ...] (zero above each panel's own first row), so that every use is one product of
+    L with R on views, with no concatenation: V W^T + W V^T = L R^T, and the correction of a product with the
+    stale trailing matrix, V (W^T Y) + W (V^T Y) = L (R^T Y)."""
+
+    def __init__(self, like: Tensor, group: int, bandwidth: int):
+        batch, n, _ = like.shape
+        self.left = like.new_zeros(batch, n, 2 * group * bandwidth)
+        self.right = like.new_zeros(batch, n, 2 * group * bandwidth)
+        self.columns = 0  # live columns of both buffers: 2 x the pending panels' reflectors
         self.first_row = 0
 
-    def __len__(self) -> int:
-        return len(self.v)
-
-    def _from(self, row: int) -> tuple[Tensor, Tensor]:
-        offset = row - self.first_row
-        return torch.cat([v[:, offset:] for v in self.v], -1), torch.cat([w[:, offset:] for w in self.w], -1)
+    def live(self, row: int) -> tuple[Tensor, Tensor]:
+        """L and R over the rows from ``row`` on, their live columns."""
+        return self.left[:, row:, : self.columns], self.right[:, row:, : self.columns]
 
     def make_current(self, columns: Tensor, row: int) -> None:
         """Apply the pending updates to ``columns`` = A[:, row:, row:row + b] (the next panel and its diagonal
         block), in place."""
-        if self.v:
-            v, w = self._from(row)
-            width = columns.shape[-1]
-            columns.sub_(v @ w[:, :width].mT + w @ v[:, :width].mT)
+        if self.columns:
+            left, right = self.live(row)
+            columns.baddbmm_(left, right[:, : columns.shape[-1]].mT, alpha=-1.0)
 
     def corrected_product(self, x: Tensor, vt: Tensor, row: int) -> Tensor:
         """x = A_stale[row:, row:] @ vt, corrected to the current trailing matrix's product."""
-        if self.v:
-            v, w = self._from(row)
-            x -= v @ (w.mT @ vt) + w @ (v.mT @ vt)
+        if self.columns:
+            left, right = self.live(row)
+            x.baddbmm_(left, torch.bmm(right.mT, vt), alpha=-1.0)
         return x
 
     def add(self, v: Tensor, w: Tensor, row: int) -> None:
-        if not self.v:
+        if not self.columns:
             self.first_row = row
-        pad = row - self.first_row
-        self.v.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-        self.w.append(torch.nn.functional.pad(w, (0, 0, pad, 0)))
+        r = v.shape[-1]
+        c = self.columns
+        # Rows between the group's first row and this panel's are zero in V and W: clear what an earlier group
+        # left there.
+        if row > self.first_row:
+            self.left[:, self.first_row : row, c : c + 2 * r].zero_()
+            self.right[:, self.first_row : row, c : c + 2 * r].zero_()
+        self.left[:, row:, c : c + r].copy_(v)
+        self.left[:, row:, c + r : c + 2 * r].copy_(w)
+        self.right[:, row:, c : c + r].copy_(w)
+        self.right[:, row:, c + r : c + 2 * r].copy_(v)
+        self.columns = c + 2 * r
 
-    def apply(self, a: Tensor, row: int) -> None:
-        """A[row:, row:] -= V W^T + W V^T for every pending panel, as one product of inner dimension 2 x their
-        reflectors (both triangles: the next panels' products read whole rows), then forget them."""
-        v, w = self._from(row)
-        a[:, row:, row:].baddbmm_(torch.cat([v, w], -1), torch.cat([w, v], -1).mT, alpha=-1.0)
-        self.v, self.w = [], []
+    def apply(self, a: Tensor, row: int, block: int) -> None:
+        """A[row:, row:] -= L R^T for every pending panel, as products of inner dimension 2 x their reflectors,
+        on the lower block columns only (see ``_block_columns``), then forget them."""
+        left, right = self.live(row)
+        for c0, c1 in _block_columns(a.shape[-1], row, block):
+            a[:, c0:, c0:c1].baddbmm_(left[:, c0 - row :], right[:, c0 - row : c1 - row].mT, alpha=-1.0)
+        self.columns = 0
 
 
-def _two_sided_factor(a22: Tensor, v: Tensor, tau: Tensor, pending: _PendingUpdates, row: int) -> Tensor:
-    """W of the two-sided update H^T A22 H = A22 - V W^T - W V^T for H = I - V T V^T, where A22 is the
-    trailing matrix from ``row`` on with ``pending`` applied (``a22`` itself may still lack them)."""
+def _block_columns(n: int, row: int, block: int) -> list[tuple[int, int]]:
+    """The block columns [c0, c1) of the trailing matrix A[row:, row:] on the absolute grid of ``block`` columns.
+
+    Symmetry halves the trailing matrix's work: only each block column from its diagonal block down is updated
+    (the diagonal blocks whole, both triangles), and products with the symmetric matrix are assembled from those
+    blocks and their transposes. The grid is absolute (multiples of ``block``) so that a later, smaller trailing
+    matrix's diagonal blocks lie inside earlier ones, whose both triangles the updates kept current."""
+    if block >= n:
+        return [(row, n)]
+    return [(max(start, row), min(start + block, n)) for start in range((row // block) * block, n, block)]
+
+
+def _symmetric_product(a: Tensor, row: int, vt: Tensor, block: int) -> Tensor:
+    """A[row:, row:] @ vt for the symmetric trailing matrix, reading only its lower block columns (and whole
+    diagonal blocks) in place: strided views with unit column stride, which cuBLAS reads without copies."""
+    columns = _block_columns(a.shape[-1], row, block)
+    if len(columns) == 1:
+        return torch.bmm(a[:, row:, row:], vt)
+    x = torch.zeros_like(vt)
+    for c0, c1 in columns:
+        i0, i1 = c0 - row, c1 - row
+        x[:, i0:].baddbmm_(a[:, c0:, c0:c1], vt[:, i0:i1])  # the block column, from its diagonal block down
+        if c1 < a.shape[-1]:
+            x[:, i0:i1].baddbmm_(a[:, c1:, c0:c1].mT, vt[:, i1:])  # its transpose: the row of blocks right of it
+    return x
+
+
+def _two_sided_factor(a: Tensor, v: Tensor, tau: Tensor, pending: _PendingUpdates, row: int, block: int) -> Tensor:
+    """W of the two-sided update H^T A22 H = A22 - V W^T - W V^T for H = I - V T V^T, where A22 = a[:, row:, row:]
+    is the trailing matrix with ``pending`` applied (``a`` itself may still lack them)."""
     reflectors = tau.shape[-1]
     # A zero reflector has v = 0 (see householder_panel), so any nonzero diagonal entry keeps the identity exact.
     inverse_tau = torch.where(tau == 0, 1.0, tau).reciprocal()
@@ -635,22 +692,19 @@ def _two_sided_factor(a22: Tensor, v: Tensor, tau: Tensor, pending: _PendingUpda
     eye = torch.eye(reflectors, dtype=v.dtype, device=v.device).expand_as(t_inverse)
     t = torch.linalg.solve_triangular(t_inverse, eye, upper=True)
     vt = torch.bmm(v, t)
-    # The m x m operand is read in place (unit column stride, leading dimension n): the stage's one pass over it
-    # per panel.
-    x = pending.corrected_product(torch.bmm(a22, vt), vt, row)
+    # The m x m operand is read in place: the stage's one pass over it per panel.
+    x = pending.corrected_product(_symmetric_product(a, row, vt, block), vt, row)
     m = torch.bmm(vt.mT, x)  # T^T V^T A22 V T, symmetric
     return torch.baddbmm(x, v, m, alpha=-0.5)
 
 
-def _mirror_lower_to_upper_(a: Tensor, block: int = 1024) -> None:
-    """Make a exactly symmetric from its lower triangle, in place, without an n x n temporary."""
+def _mirror_diagonal_blocks_(a: Tensor, block: int) -> None:
+    """Make each diagonal block of the grid ``block`` exactly symmetric from its lower triangle, in place."""
     n = a.shape[-1]
     for start in range(0, n, block):
         end = min(start + block, n)
         diagonal_block = a[:, start:end, start:end]
         diagonal_block.copy_(diagonal_block.tril() + diagonal_block.tril(-1).mT)
-        if end < n:
-            a[:, start:end, end:].copy_(a[:, end:, start:end].mT)
 
 
 def _lower_band(a: Tensor, bandwidth: int) -> Tensor:
