@@ -19,11 +19,14 @@ import os
 import time
 from typing import Callable
 
+import torch.distributed as dist
 from torch import nn
 
 from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
+from .shutdown import WriteOnStop, WritesOnce
 from .taps import TapPoint, TapSpec, find_blocks
-from .writers import JsonlWriter, TensorBoardWriter, write_all
+from .writers import JsonlWriter, TensorBoardWriter, open_jsonl, write_all
+
 
 
 def ffn_spec(blocks: str, up: str, down: str) -> TapSpec:
@@ -40,9 +43,13 @@ class NerveLoop:
     module are ignored). ``log_freq``, ``groups`` and ``monitor_options`` (any other ``MonitorConfig`` field,
     e.g. ``taps``, ``layers``, ``max_tokens_per_forward``, ``seed``, ``max_layers_per_step``, ``max_overhead``)
     go to the monitor; ``clock`` is the monitor's step clock (``max_overhead`` times steps with it). ``jsonl``:
-    a path, one record per (step, layer) appended. ``tensorboard``: a log directory or an existing
-    ``SummaryWriter``.
+    a path, one record per (step, layer) appended; checked here (its folder writable, no other run writing it:
+    NerveOutputError names the path) and locked until ``close``. ``tensorboard``: a log directory or an
+    existing ``SummaryWriter``. ``on_error``: a writer failing later is reported once and dropped ("warn") or
+    raises ("raise").
     Writers are made on the first write, so only the reporting rank (``groups.report_rank``) opens files.
+    With ``solve="overlap"`` the records already solved are written on SIGTERM/SIGINT and at exit
+    (nerve_plugin.shutdown), then the signal goes on to what handled it before.
     Under data parallelism pass ``groups=ParallelGroups(token_group=torch.distributed.group.WORLD)`` and call
     every method on every rank.
     """
@@ -69,11 +76,24 @@ class NerveLoop:
             if any(layer not in known for layer in config.layers):
                 raise ValueError(f"[nerve] layers = {config.layers} is not allowed: expected indices of the "
                                  f"model's {len(known)} blocks (0..{len(known) - 1}), or None for all")
-        self.monitor = NerveMonitor(model, spec, config, groups, clock=clock).attach()
+        groups = groups or ParallelGroups()
+        reporting = not dist.is_initialized() or dist.get_rank() == groups.report_rank
+        # Before any hook or step: an unwritable path, or another run writing it, stops here, not at step 1.
+        self._lock = open_jsonl(jsonl) if jsonl is not None and reporting else None
+        try:
+            self.monitor = NerveMonitor(model, spec, config, groups, clock=clock).attach()
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         self._jsonl = jsonl
         self._tensorboard = tensorboard
         self._owned_summary_writer = None
         self._writers: list | None = None
+        self._writes = WritesOnce(self._write_now)
+        self._stop = None
+        if config.solve == "overlap" and reporting:
+            self._stop = WriteOnStop(self.monitor.ready_records, self._writes.write_on_stop).install()
 
     @property
     def layers(self) -> list[int]:
@@ -93,7 +113,7 @@ class NerveLoop:
         became ready, after writing them ([] on ranks that do not report), or None."""
         records = self.monitor.end_step(step)
         if records:
-            self._write(records)
+            self._writes.write(records)
         return records
 
     def flush(self) -> list[LayerRecord]:
@@ -102,7 +122,7 @@ class NerveLoop:
         flush = getattr(self.monitor, "flush", None)
         records = (flush() or []) if flush is not None else []
         if records:
-            self._write(records)
+            self._writes.write(records)
         return records
 
     def close(self) -> list[LayerRecord]:
@@ -110,9 +130,15 @@ class NerveLoop:
         try:
             return self.flush()
         finally:
+            if self._stop is not None:
+                self._stop.uninstall()
+                self._stop = None
             self.monitor.close()
             if self._owned_summary_writer is not None:
                 self._owned_summary_writer.close()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> "NerveLoop":
         return self
@@ -120,11 +146,11 @@ class NerveLoop:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _write(self, records: list[LayerRecord]) -> None:
+    def _write_now(self, records: list[LayerRecord]) -> None:
         if self._writers is None:
             self._writers = self._build_writers()
         for step, step_records in records_by_step(records).items():
-            self._writers = write_all(self._writers, step, step_records)
+            self._writers = write_all(self._writers, step, step_records, self.monitor.config.on_error)
 
     def _build_writers(self) -> list:
         writers = []

@@ -49,7 +49,11 @@ logger = logging.getLogger(__name__)
 EIGEN_SOLVE_PLACEMENTS = ("rank0", "spread")
 SOLVE_MODES = ("sync", "overlap")
 EIGENSOLVERS = ("auto", "batched", "eigvalsh")
+ON_ERROR = ("warn", "raise")  # what a failing writer does at run time: report once and stop writing, or raise
 REDUCE_BUCKET_BYTES = 512 << 20  # float64 M2 bytes merged per collective: bounds the merge's extra memory
+# A covariance of N tokens has rank < N: with N < D / FEW_TOKENS_RATIO most of its spectrum is the 1e-12 floor and
+# SE / PR / EEE describe the token sample more than the layer. Such records say so ("few_tokens": true).
+FEW_TOKENS_RATIO = 4
 
 
 @dataclass
@@ -69,6 +73,9 @@ class MonitorConfig:
     # "eigvalsh" (one torch.linalg.eigvalsh each); "auto" is batched. Host statistics always use eigvalsh.
     eigensolver: Literal["auto", "batched", "eigvalsh"] = "auto"
     max_overhead: float = 0.05  # amortized NerVE time / training time the layer choice keeps to; 0: no budget
+    # A writer failing at run time (full disk, folder gone): "warn" reports it once and stops writing there,
+    # training goes on; "raise" stops the run. Read by the writers' owner (NerveLoop, the torchtitan session).
+    on_error: Literal["warn", "raise"] = "warn"
 
     def __post_init__(self):
         # The checks (and messages) of the [nerve] TOML section, so NerveLoop and the torchtitan route refuse
@@ -99,6 +106,7 @@ class MonitorConfig:
         check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
         check.number("max_overhead", self.max_overhead, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
                      lambda v: 0 <= v < 1)
+        check.choice("on_error", self.on_error, ON_ERROR)
 
     def is_log_step(self, step: int) -> bool:
         # The same rule as torchtitan's own metrics: step 1, then every log_freq steps.
@@ -118,13 +126,20 @@ class TapResult:
     def __post_init__(self):
         self.dim = self.dim or int(self.eigenvalues.shape[0])
 
+    @property
+    def few_tokens(self) -> bool:
+        """Fewer tokens than D / FEW_TOKENS_RATIO: the metrics are numbers, but of a covariance of low rank."""
+        return self.tokens * FEW_TOKENS_RATIO < self.dim
+
     def to_json(self, spectrum_points: int = 64) -> dict:
+        # The one definition of a tap's JSONL fields (README, "Outputs", lists them).
         out = {
             "tokens": self.tokens,
             "spectral_entropy": _finite_or_none(self.spectral_entropy),
             "participation_ratio": _finite_or_none(self.participation_ratio),
             "eee": _finite_or_none(self.eee),
             "dim": self.dim,
+            "few_tokens": self.few_tokens,
             "spectrum": _log_spaced_spectrum(self.eigenvalues, spectrum_points),
         }
         if self.status != "ok":
@@ -218,6 +233,9 @@ class NerveMonitor:
         self._copy_stream = None
         self._device: torch.device | None = None  # where overdue solves run: the statistics' GPU
         self._batched = None  # eigen.BatchedEigensolver, made at the first sync logging step on a GPU
+        # The checked memory budget (bytes) of a logging step's buffers, when the caller has one (torchtitan's
+        # memory_budget_gb): the batched solver's larger one-off chunks stay within it.
+        self.memory_budget_bytes: float | None = None
         self.last_duration_s = 0.0  # the logging step's own NerVE time (merge, and solves when sync)
         self._clock = clock
         self._budget = OverheadBudget(self.config.max_overhead, self.config.log_freq)
@@ -225,6 +243,8 @@ class NerveMonitor:
         self._last_end: tuple[int, float] | None = None  # (step, clock) when the last end_step returned
         self._timed_logging_step = False  # this process has timed a logging step (the first one is warm-up)
         self._told_untimeable = False
+        self._told_few_tokens = False  # the few-tokens warning is given once per monitor
+        self._too_few: dict[int, dict[Key, Solved]] = {}  # overlapped steps' states with < 2 tokens, by step
         # The rotation: at logging index i a window of W = _window_size() layers starts at tracked position
         # (_rotation_start + (i - _rotation_index) * W) % L. With a constant window that is a function of
         # the step alone (resumes and pipeline stages agree); when the budget changes the window, the anchor
@@ -257,6 +277,26 @@ class NerveMonitor:
         """Wait for every pending solve and return its records (on ``report_rank``; [] elsewhere). Every rank
         must call it at the same step."""
         return self._collect(before=None)
+
+    def ready_records(self, wait_s: float = 0.0) -> list[LayerRecord]:
+        """The records of overlapped solves already finished on this rank, for a process that is being stopped
+        (a signal, an exit): no collective and no solve taken over, so it works on one rank alone and its time
+        is bounded, at most ``wait_s`` for solves still running. Layers with every measured tap solved only;
+        pending steps stay pending (``flush`` would still return them). Under ``eigen_solve = "spread"`` or
+        pipeline stages a rank holds only its share of a step: that share."""
+        deadline = time.monotonic() + wait_s
+        records = []
+        for job in list(self._pending):
+            job.done.wait(timeout=max(0.0, deadline - time.monotonic()))
+            # A copy: the solver thread may still be adding to it. States of < 2 tokens were never queued.
+            results = {**dict(job.results), **self._too_few.get(job.step, {})}
+            solved_taps: dict[int, set[str]] = {}
+            for layer, tap in results:
+                solved_taps.setdefault(layer, set()).add(tap)
+            complete = {(layer, tap): solved for (layer, tap), solved in results.items()
+                        if set(self.config.taps) <= solved_taps[layer]}
+            records.extend(self._layer_records(job.step, complete))
+        return records
 
     def close(self) -> list[LayerRecord]:
         """Flush, stop the solver thread and remove every hook. Returns what ``flush`` returned."""
@@ -350,9 +390,11 @@ class NerveMonitor:
                 t.release()
                 if self._hooks_on_demand:
                     t.remove()
+            owned, too_few = _split_too_few(owned)
             if self.config.solve == "sync":
-                records = self._gather(step, solve_many(owned, self._batched_solver()))
+                records = self._gather(step, {**solve_many(owned, self._batched_solver()), **too_few})
             else:
+                self._too_few[step] = too_few
                 self._pending.append(self._submit(step, owned))
             self.last_duration_s = self._clock() - start
         if self._pending and self.config.is_log_step(step):
@@ -456,8 +498,7 @@ class NerveMonitor:
         owned = []
         for i in mine:
             key, stats = participating[i]
-            if stats.count >= 2:
-                owned.append((key, stats.count, stats.m2))
+            owned.append((key, stats.count, stats.m2))  # states of < 2 tokens are split off by _split_too_few
         return owned
 
     # -- solves -----------------------------------------------------------------------------------------------
@@ -467,9 +508,14 @@ class NerveMonitor:
         if self.config.eigensolver == "eigvalsh" or not torch.cuda.is_available():
             return None
         if self._batched is None:
-            from .eigen import BatchedEigensolver
+            from .eigen import DEFAULT_EAGER_WORKSPACE_BYTES, BatchedEigensolver
 
-            self._batched = BatchedEigensolver()
+            eager = DEFAULT_EAGER_WORKSPACE_BYTES
+            if self.memory_budget_bytes is not None:
+                # Larger one-off chunks may use what the checked budget leaves beside the step's other buffers.
+                window, working, _ = self._buffer_parts(torch.device("cuda", torch.cuda.current_device()))
+                eager = int(max(0, min(eager, self.memory_budget_bytes - window - working)))
+            self._batched = BatchedEigensolver(eager_workspace_bytes=eager)
         return self._batched
 
     def _submit(self, step: int, owned) -> Job:
@@ -505,7 +551,7 @@ class NerveMonitor:
         self._pending = [job for job in self._pending if job not in due]
         records = []
         for job in due:
-            results = job.finish(self._device)
+            results = {**job.finish(self._device), **self._too_few.pop(job.step, {})}
             if job.taken_by_caller:
                 logger.info(
                     f"nerve step {job.step}: {job.taken_by_caller} of {len(results)} solves were still queued "
@@ -527,6 +573,12 @@ class NerveMonitor:
                 merged.update(part)
         else:
             merged = results
+        records = self._layer_records(step, merged)
+        self._warn_if_few_tokens(step, records)
+        return records
+
+    @staticmethod
+    def _layer_records(step: int, merged: dict[Key, Solved]) -> list[LayerRecord]:
         by_layer: dict[int, LayerRecord] = {}
         for (layer, tap), solved in sorted(merged.items()):
             record = by_layer.setdefault(layer, LayerRecord(step=step, layer=layer))
@@ -535,6 +587,20 @@ class NerveMonitor:
             record.js = pair_js(record.pre, record.post)
         return [by_layer[layer] for layer in sorted(by_layer)]
 
+    def _warn_if_few_tokens(self, step: int, records: list[LayerRecord]) -> None:
+        few = [(r.layer, tap, result) for r in records for tap in TAPS
+               if (result := getattr(r, tap)) is not None and len(result.eigenvalues) and result.few_tokens]
+        if not few or self._told_few_tokens:
+            return
+        self._told_few_tokens = True
+        layer, tap, result = few[0]
+        logger.warning(
+            f"nerve step {step}: {len(few)} covariance(s) hold fewer tokens than D / {FEW_TOKENS_RATIO} (e.g. layer "
+            f"{layer} {tap}: {result.tokens} tokens for D = {result.dim}): their SE, PR and EEE describe the token "
+            f"sample more than the layer; their records say \"few_tokens\": true. More tokens per logging step: "
+            f"raise [nerve] tokens_per_rank (0: every token) or the batch (said once)"
+        )
+
     # -- memory -----------------------------------------------------------------------------------------------
 
     def buffer_bytes(self, device: torch.device | str | None = None, layers_at_once: int | None = None) -> int:
@@ -542,6 +608,10 @@ class NerveMonitor:
         the layers measured at once (the largest rotation window), plus the float64 working copies of the
         merge and of the solves (on GPUs with the batched solver: a chunk of float64 covariances, kept by its
         CUDA graph between logging steps). ``layers_at_once`` overrides max_layers_per_step."""
+        return sum(self._buffer_parts(device, layers_at_once))
+
+    def _buffer_parts(self, device, layers_at_once: int | None = None) -> tuple[int, int, int]:
+        """(second moments of the window, float64 working copies, the batched solver's held chunk) in bytes."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         itemsize = (self.config.accumulate_dtype or default_accumulate_dtype(device)).itemsize
         per_layer: dict[int, int] = {}
@@ -553,15 +623,15 @@ class NerveMonitor:
         cap = layers_at_once or self.config.max_layers_per_step or len(per_layer)
         window = sum(sorted(per_layer.values(), reverse=True)[:cap])
         working = 2 * largest * largest * 8
+        held = 0
         if device.type == "cuda" and self.config.eigensolver != "eigvalsh" and largest:
             from .eigen import BatchedEigensolver
 
             solver = self._batched or BatchedEigensolver()
             states = sum(len(t.dims()) for t in self.taps)
             states = min(states, cap * len(self.config.taps))
-            working += solver.chunk_size(max(1, states), largest) * largest * largest * 8
-        return window + working
-
+            held = solver.chunk_size(max(1, states), largest) * largest * largest * 8
+        return window, working, held
 
     def layers_that_fit(self, budget_bytes: float, device: torch.device | str | None = None) -> int:
         """The most layers one logging step can measure within ``budget_bytes`` (0 if not even one fits)."""
@@ -594,6 +664,18 @@ def tap_result(solved: Solved) -> TapResult:
         solved.count, metrics.spectral_entropy, metrics.participation_ratio, metrics.eee, solved.eigenvalues,
         status=solved.status,
     )
+
+
+def _split_too_few(owned) -> tuple[list, dict[Key, Solved]]:
+    """The states that can be solved, and a result for each one of fewer than 2 tokens, which has no covariance
+    (N - 1 = 0 divides it): null metrics and a status saying why, instead of numbers."""
+    solvable, too_few = [], {}
+    for key, count, m2 in owned:
+        if count >= 2:
+            solvable.append((key, count, m2))
+        else:
+            too_few[key] = Solved(count, None, f"too few tokens: {count} (a covariance needs at least 2)", int(m2.shape[0]))
+    return solvable, too_few
 
 
 def _buckets(sizes: list[int], limit: int) -> list[tuple[int, int]]:

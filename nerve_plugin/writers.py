@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import math
 import os
+import socket
+import tempfile
 import time
 from typing import Sequence
 
@@ -94,10 +98,16 @@ class TensorBoardWriter:
         self.writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
-def write_all(writers: list, step: int, records: list[LayerRecord]) -> list:
+class NerveOutputError(RuntimeError):
+    """nerve cannot write where it was told to: at start-up (an unwritable folder, a path that is a folder,
+    another run writing there), or at run time with ``[nerve] on_error = "raise"``."""
+
+
+def write_all(writers: list, step: int, records: list[LayerRecord], on_error: str = "warn") -> list:
     """Hand a step's records to every writer; the writers that still work. A writer that raises (an unwritable
     folder, a full disk, a path that is a folder) is reported once, naming why, and dropped: training goes on
-    without it, as it would with NerVE off."""
+    without it, as it would with NerVE off. ``on_error = "raise"`` raises NerveOutputError instead, for runs
+    that would rather stop than lose records."""
     working = []
     for writer in writers:
         try:
@@ -105,9 +115,129 @@ def write_all(writers: list, step: int, records: list[LayerRecord]) -> list:
             working.append(writer)
         except Exception as error:
             where = getattr(writer, "path", type(writer).__name__)
+            if on_error == "raise":
+                raise NerveOutputError(f"nerve: writing step {step} to {where} failed ({type(error).__name__}: "
+                                       f"{error}); [nerve] on_error = 'raise' stops the run") from error
             logger.error(f"nerve: writing step {step} to {where} failed ({type(error).__name__}: {error}); "
                          f"nerve stops writing there, training goes on")
     return working
+
+
+class OutputLock:
+    """Exclusive use of a JSONL file by one process, so two runs pointed at one dump folder cannot interleave
+    their records: an flock on ``<path>.lock`` (beside the JSONL: the JSONL itself is replaced by its rewrites,
+    which would drop a lock on it), holding the owner's ``pid host`` for the refusal message.
+
+    The kernel releases an flock when its process dies, however it dies (SIGKILL included), so a crashed run
+    never blocks its restart. The file is left in place at release (unlinking a lock file lets a third process
+    lock a new file while a second still holds the old one)."""
+
+    def __init__(self, jsonl: str):
+        self.path = jsonl + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> "OutputLock":
+        folder = os.path.dirname(os.path.abspath(self.path))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise NerveOutputError(
+                    f"nerve: another run is writing {folder} ({_describe_owner(_read_owner(fd))}, lock "
+                    f"{self.path}); two runs in one folder would interleave their records: give this run its own "
+                    f"job.dump_folder (or JSONL path), or stop the other run"
+                ) from None
+            except OSError as error:  # a filesystem without flock (some network filesystems)
+                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                self._refuse_if_owner_alive(_read_owner(fd), folder)
+                logger.warning(f"nerve: {folder} cannot be locked ({error}); only a run on this host is detected")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def _refuse_if_owner_alive(self, owner: tuple[int, str] | None, folder: str) -> None:
+        # Without flock only the pid the file names can tell: alive on this host means another run.
+        if owner is None or owner[1] != socket.gethostname() or owner[0] == os.getpid():
+            return
+        try:
+            os.kill(owner[0], 0)
+        except ProcessLookupError:
+            return  # a run that died: its lock is stale
+        except PermissionError:
+            pass  # alive, another user's
+        raise NerveOutputError(f"nerve: another run is writing {folder} ({_describe_owner(owner)}, lock {self.path}): "
+                               f"give this run its own job.dump_folder (or JSONL path), or stop the other run")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # no owner any more
+        except OSError:
+            pass
+        os.close(fd)  # closing the last descriptor releases the flock
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:  # at interpreter shutdown os may be half torn down; the kernel releases it anyway
+            pass
+
+
+def _read_owner(fd: int) -> tuple[int, str] | None:
+    try:
+        pid, host = os.pread(fd, 4096, 0).decode(errors="replace").split()[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None  # empty (just created, or released) or not ours
+
+
+def _describe_owner(owner: tuple[int, str] | None) -> str:
+    if owner is None:
+        return "pid unknown"
+    pid, host = owner
+    return f"pid {pid} on host {host}" + (" (this process)" if pid == os.getpid() and host == socket.gethostname() else "")
+
+
+def open_jsonl(path: str) -> OutputLock:
+    """The start-up check of a JSONL output: its folder made and writable, the path a file that can be appended
+    to (or none yet), and no other run writing it; the lock returned is held until released (or the process
+    ends). Raises NerveOutputError naming the path, before any step runs."""
+    def fail(what: str, error: BaseException | None = None) -> NerveOutputError:
+        why = f" ({type(error).__name__}: {error})" if error is not None else ""
+        return NerveOutputError(f"nerve: cannot write its JSONL output {path}: {what}{why}; make it writable, "
+                                f"point job.dump_folder (or the JSONL path) elsewhere, or drop 'jsonl' from [nerve] outputs")
+
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise fail(f"its folder {folder} cannot be made", error) from error
+    if os.path.isdir(path):
+        raise fail("it is a folder")
+    try:
+        lock = OutputLock(path).acquire()
+    except NerveOutputError:
+        raise
+    except OSError as error:
+        raise fail(f"its folder {folder} is not writable", error) from error
+    # Making the lock file proved the folder writable; a JSONL already there must take appends too (a
+    # read-only file, or one on a read-only mount).
+    if os.path.exists(path):
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as error:
+            lock.release()
+            raise fail("it cannot be opened for appending", error) from error
+    return lock
 
 
 class JsonlWriter:
@@ -123,19 +253,25 @@ class JsonlWriter:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self._drop_partial_last_line()
             self._tail_checked = True
-        text = "".join(json.dumps(record.to_json(), allow_nan=False) + "\n" for record in records)
-        with open(self.path, "a") as f:
-            start = f.tell()
+        data = "".join(json.dumps(record.to_json(), allow_nan=False) + "\n" for record in records).encode()
+        # Unbuffered: a buffered file keeps what a full disk refused and writes it again at close (or at the
+        # truncate's own flush), after the cut; os.write leaves nothing behind.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            start = os.fstat(fd).st_size
             try:
-                f.write(text)
-                f.flush()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
             except OSError:
                 # A full disk may have taken part of the text: leave whole lines only.
                 try:
-                    f.truncate(start)
+                    os.ftruncate(fd, start)
                 except OSError:
                     pass
                 raise
+        finally:
+            os.close(fd)
 
     def _drop_partial_last_line(self) -> None:
         """A crash mid-write leaves a last line without its newline; appending to it would glue the next record
@@ -188,10 +324,20 @@ class JsonlWriter:
                         kept.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by the crash
-        aside = self.path + ".tmp"
-        with open(aside, "w") as f:
-            f.writelines(kept)
-        os.replace(aside, self.path)
+        # A name of its own (not one fixed ".tmp"): two processes rewriting at once must not share a file.
+        fd, aside = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp",
+                                     dir=os.path.dirname(os.path.abspath(self.path)))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(kept)
+            os.chmod(aside, os.stat(self.path).st_mode & 0o7777)  # mkstemp's 0600 would hide it from others
+            os.replace(aside, self.path)
+        except BaseException:
+            try:
+                os.unlink(aside)
+            except OSError:
+                pass
+            raise
 
 
 # -- the spectrum picture -------------------------------------------------------------------------------------

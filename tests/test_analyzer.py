@@ -428,3 +428,39 @@ def test_cli_on_a_torchtitan_checkpoint(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"'layers.0.feed_forward.w1.weight' has shape \(384, 256\) in the "
                                               r"checkpoint and \(512, 256\)"):
         load_checkpoint(tmp_path / "outputs", toml, variant={"ffn_multiplier": 2})
+
+
+def test_cli_stops_in_one_line_on_an_unusable_out_folder_or_an_hf_folder_without_weights(transformers, tmp_path):
+    from nerve_plugin.analyze.cli import main
+
+    config_only = tmp_path / "config-only"
+    transformers.LlamaConfig(**_configs(transformers)["llama"][1].to_dict()).save_pretrained(config_only)
+    assert sorted(p.name for p in config_only.iterdir()) == ["config.json"]
+    text = tmp_path / "corpus.txt"
+    text.write_text(TEXT)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main([str(config_only), str(text), "--out", str(tmp_path / "a_file" / "analysis"), "--quiet"])
+    assert stop.value.code == f"nerve-analyze: --out {tmp_path / 'a_file' / 'analysis'}: {tmp_path / 'a_file'} is a file, not a folder"
+    with pytest.raises(SystemExit) as stop:
+        main([str(config_only), str(text), "--out", str(tmp_path / "analysis"), "--quiet"])
+    assert stop.value.code == (f"nerve-analyze: {config_only} holds config.json but no weights (model.safetensors, "
+                               "pytorch_model.bin or a sharded index): save the model there with save_pretrained")
+    assert not (tmp_path / "analysis").exists()  # refused before any work
+
+
+def test_too_few_tokens_are_refused_below_two_and_flagged_below_a_quarter_of_the_width(hf_models, caplog):
+    import logging
+
+    model = hf_models["llama"]  # FFN width 64
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="analyze needs at least 2 tokens with attention_mask != 0, got 1"):
+        NerVEAnalyzer(model).analyze(ids, torch.tensor([[1, 0, 0]]))
+    with caplog.at_level(logging.WARNING):
+        results = NerVEAnalyzer(model).analyze(ids, torch.tensor([[1, 1, 0]]))
+    warned = [m for m in caplog.messages if "fewer than FFN width / 4" in m]
+    assert len(warned) == 1 and warned[0].startswith("nerve-analyze: 2 tokens per layer")
+    for layer in results.to_dict()["layers"]:
+        assert layer["pre"]["tokens"] == 2 and layer["pre"]["few_tokens"] is layer["post"]["few_tokens"] is True
+    enough = NerVEAnalyzer(model).analyze(*padded_inputs())  # 107 tokens for 64
+    assert all(layer["pre"]["few_tokens"] is False for layer in enough.to_dict()["layers"])

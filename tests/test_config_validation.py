@@ -63,6 +63,7 @@ TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
         # a percentage where a fraction belongs (5 for 5%) is the likely mistake
         "max_overhead": Row("0.05", 5.0, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)"),
         "eigensolver": Row(1, "cusolver", "one of 'auto', 'batched', 'eigvalsh'"),
+        "on_error": Row(True, "ignore", "one of 'warn', 'raise'"),
     }),
     "muon": (Muon, MuonConfigError, {
         "momentum": Row("0.95", 1.0, "a number in [0, 1)"),
@@ -201,6 +202,12 @@ CLI = [
     (["--muon.ns_steps", "0"], "[muon] ns_steps = 0 is not allowed: expected an integer in [1, 99]"),
     (["--variant.leaky_slope", "nan"], "[variant] leaky_slope = nan is not allowed: expected a number in [0, 1)"),
     (["--variant.activaton", "relu"], "Unrecognized options: --variant.activaton"),
+    # bool keys are tyro flags without a value: a value after one is named with its option, not left over
+    (["--nerve.enable", "3"], "--nerve.enable 3: --nerve.enable is a flag and takes no value: expected "
+                              "--nerve.enable (true) or --nerve.no-enable (false); in a TOML, [nerve] enable = true or false"),
+    (["--nerve.enable=true"], "--nerve.enable=true: --nerve.enable is a flag and takes no value"),
+    (["--muon.no-nesterov", "yes"], "--muon.no-nesterov yes: --muon.no-nesterov is a flag and takes no value: "
+                                    "expected --muon.nesterov (true) or --muon.no-nesterov (false)"),
 ]
 
 
@@ -213,6 +220,15 @@ def test_command_line_errors_name_the_option(monkeypatch, capsys, args, message)
         ConfigManager().parse_args(["--job.custom_config_module", CONFIG_MODULE, *args])
     assert exit_.value.code != 0
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_command_line_flags_still_parse():
+    from torchtitan.config import ConfigManager
+
+    base = ["--job.custom_config_module", CONFIG_MODULE]
+    config = ConfigManager().parse_args([*base, "--nerve.enable", "--nerve.log_freq", "50", "--muon.no-nesterov"])
+    assert (config.nerve.enable, config.nerve.log_freq, config.muon.nesterov) == (True, 50, False)
+    assert ConfigManager().parse_args([*base, "--nerve.no-enable"]).nerve.enable is False
 
 
 @pytest.mark.slow

@@ -3,24 +3,30 @@
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import tomli
 from torchtitan_harness import REPO_ROOT
 
-from nerve_plugin.torchtitan.demo import format_table
-
-# The demo trains torchtitan's Trainer: the slow part of the suite.
-pytestmark = pytest.mark.slow
+from nerve_plugin.demo import failure_report, format_table
 
 
-def test_demo_trains_offline_and_prints_the_last_metrics(tmp_path):
-    dump = tmp_path / "demo"
-    proc = subprocess.run(
-        [sys.executable, "-m", "nerve_plugin.torchtitan.demo", "--steps", "3", "--dump-folder", str(dump),
+def run_demo(tmp_path, dump):
+    return subprocess.run(
+        [sys.executable, "-m", "nerve_plugin.demo", "--steps", "3", "--dump-folder", str(dump),
          "--", "--nerve.log_freq", "2", "--metrics.log_freq", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "2"},
     )  # fmt: skip
+
+
+# The demo trains torchtitan's Trainer: the slow part of the suite.
+@pytest.mark.slow
+def test_demo_trains_offline_and_prints_the_last_metrics(tmp_path):
+    dump = tmp_path / "demo"
+    proc = run_demo(tmp_path, dump)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "step:  3  loss:" in out  # progress
@@ -33,6 +39,47 @@ def test_demo_trains_offline_and_prints_the_last_metrics(tmp_path):
     # Trained on the stdlib corpus with nerve's vocabulary, no network.
     log = (dump / "demo.log").read_text()
     assert "Corpus:" in log and "stdlib_bpe.tiktoken" in log
+
+    # Seeded: a second run gives the same metrics, bit for bit (the README's table is what a user gets).
+    again = run_demo(tmp_path, tmp_path / "again")
+    assert again.returncode == 0, again.stdout + again.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "again" / "nerve" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == records
+
+
+def test_help_does_not_import_torchtitan():
+    # the installed command's module, as pyproject names it
+    target = tomli.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]["nerve-demo"]
+    module, function = target.split(":")
+    code = (f"import sys; sys.argv = ['nerve-demo', '--help']\nfrom {module} import {function}\n"
+            f"try:\n    {function}()\nexcept SystemExit:\n    pass\n"
+            "assert 'torchtitan' not in sys.modules, 'nerve-demo --help imported torchtitan'\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: nerve-demo" in proc.stdout and time.monotonic() - start < 15
+
+
+def test_a_failure_shows_the_lines_that_name_its_cause():
+    # torchrun's log: the failing rank's traceback first, then pages of other output and torchrun's summary
+    log = "\n".join([
+        "[rank0]: Traceback (most recent call last):",
+        '[rank0]:   File "torchtitan/train.py", line 254, in __init__',
+        "[rank0]: nerve_plugin.torchtitan.config.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
+        *[f"[titan] 2026-01-01 00:00:{i % 60:02d},000 - root - INFO - shutting down {i}" for i in range(200)],
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+        "torchtitan.train FAILED",
+        "Root Cause (first observed failure):",
+        "  exitcode  : 1 (pid: 123)",
+    ])
+    report = failure_report(log, 1, Path("dump/demo.log")).splitlines()
+    assert report[:3] == [
+        "nerve-demo: torchtitan exited with 1.",
+        "The lines of the log that say what went wrong:",
+        "  nerve_plugin.torchtitan.config.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
+    ]
+    assert report[3] == "The last 15 lines of dump/demo.log:" and report[-1] == "  exitcode  : 1 (pid: 123)"
+    assert not any("ChildFailedError" in line for line in report[:4])  # torchrun's summary never says why
 
 
 def test_format_table_rows():

@@ -387,3 +387,44 @@ def test_a_fresh_run_keeps_an_earlier_attempts_records_aside(tmp_path):
     assert open(aside).read() == stale
     assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "layer": 0, "js": 0.5}]
     assert JsonlWriter(str(tmp_path / "none.jsonl")).start_fresh() is None
+
+
+def _one_logging_step(model, monitor, tokens):
+    """Step 1 (a logging step) of forwards holding ``tokens`` tokens in all, then close: the records."""
+    monitor.begin_step(1)
+    with torch.no_grad():
+        model(torch.randn(1, tokens, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(tokens)))
+    records = (monitor.end_step(1) or []) + monitor.close()
+    return {r.layer: r for r in records}
+
+
+@pytest.mark.parametrize("solve", ["sync", "overlap"])
+def test_a_layer_of_fewer_than_two_tokens_gets_a_status_not_numbers(solve):
+    model = Toy().double()
+    got = _one_logging_step(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=1, solve=solve)).attach(), 1)
+    assert sorted(got) == list(range(LAYERS))  # every layer has its record, none is dropped silently
+    for record in got.values():
+        for tap in ("pre", "post"):
+            line = json.loads(json.dumps(record.to_json(), allow_nan=False))[tap]
+            assert line["status"] == "too few tokens: 1 (a covariance needs at least 2)"
+            assert line["tokens"] == 1 and line["dim"] == HIDDEN
+            assert line["spectral_entropy"] is line["participation_ratio"] is line["eee"] is None
+
+
+def test_few_tokens_for_the_width_are_flagged_in_every_record_and_warned_once(caplog):
+    # 2 tokens for D = 12: fewer than D / 4. Then 42 tokens (3 x 7 x 2, `batches`): not few.
+    model = Toy().double()
+    monitor = NerveMonitor(model, SPEC, MonitorConfig(log_freq=1, max_overhead=0)).attach()
+    with caplog.at_level(logging.WARNING):
+        few = _one_logging_step(model, monitor, 2)
+        few_again = _one_logging_step(model, monitor, 2)
+    for records in (few, few_again):
+        for record in records.values():
+            line = record.to_json()
+            assert line["pre"]["few_tokens"] is line["post"]["few_tokens"] is True
+            assert line["pre"]["tokens"] == 2 and line["pre"]["spectral_entropy"] is not None  # numbers, flagged
+    warnings = [m for m in caplog.messages if "fewer tokens than D / 4" in m]
+    assert len(warnings) == 1 and "layer 0 pre: 2 tokens for D = 12" in warnings[0]
+    assert "tokens_per_rank" in warnings[0]
+    enough = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=1)).attach(), 1)
+    assert all(r.to_json()["pre"]["few_tokens"] is False for _, r in enough.values())

@@ -277,3 +277,18 @@ def test_invalid_utf8_and_deeply_nested_lines_are_skipped_and_counted(tmp_path):
         f.write(json.dumps({"step": 3, "layer": 0}).encode() + b"\n")
     records, duplicates, unreadable = read_records(str(path))
     assert sorted(records) == [(1, 0), (3, 0)] and duplicates == 0 and unreadable == 2
+
+
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    jsonl = write_run(folder)
+    (tmp_path / "a_file").write_text("")
+    under_a_file = tmp_path / "a_file" / "sub" / "report.html"
+    assert main([jsonl, "-o", str(under_a_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"nerve-report: cannot write the report to {under_a_file}: Not a directory ({tmp_path / 'a_file' / 'sub'})"
+    assert main([jsonl, "-o", str(folder)]) == 2  # a folder where the file should be
+    err = capsys.readouterr().err.strip()
+    assert err == f"nerve-report: -o {folder} is a folder: expected the HTML file to write, e.g. {folder / 'report.html'}"
+    assert "Traceback" not in err

@@ -252,3 +252,37 @@ def test_finite_loader_ends(tok, text_dir):
     n = sum(1 for _ in build_corpus_dataloader(1, 0, tok, jc, infinite=False))
     total = sum(len(tok.encode(f.read_text(), add_bos=True, add_eos=True)) for f in corpus_files(str(text_dir)))
     assert n == (total - 1) // 16
+
+
+def _parsed_job_config(*args):
+    from torchtitan.config import ConfigManager
+
+    return ConfigManager().parse_args(["--job.custom_config_module", "nerve_plugin.torchtitan.config",
+                                       "--model.name", "llama3", *args])
+
+
+def test_missing_tokenizer_or_dataset_paths_name_the_path_and_the_offline_dataset(tmp_path, monkeypatch):
+    # torchtitan's own debug TOML: its source tree's tokenizer and c4_test, which its wheel does not ship
+    import nerve_plugin.torchtitan  # noqa: F401  registers nerve's specs
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = get_train_spec("llama3")
+    offline = 'training.dataset = "python_stdlib" (--training.dataset python_stdlib'
+    config = _parsed_job_config("--model.hf_assets_path", "./tests/assets/tokenizer", "--training.dataset", "c4_test")
+    with pytest.raises(FileNotFoundError) as error:
+        spec.build_tokenizer_fn(config)
+    assert str(error.value).startswith("model.hf_assets_path = './tests/assets/tokenizer' does not exist: set it to a "
+                                       "folder holding the tokenizer")
+    assert offline in str(error.value) and "download" not in str(error.value)
+    with pytest.raises(FileNotFoundError) as error:
+        spec.build_dataloader_fn(1, 0, None, config)
+    assert str(error.value).startswith(f"training.dataset = 'c4_test' reads 'tests/assets/c4_test', which does not "
+                                       f"exist (relative to {tmp_path})")
+    assert offline in str(error.value)
+    config = _parsed_job_config("--training.dataset", "c4", "--training.dataset_path", "./my_c4")
+    with pytest.raises(FileNotFoundError, match=r"^training.dataset_path = './my_c4' does not exist"):
+        spec.build_dataloader_fn(1, 0, None, config)
+    # the offline dataset needs neither: nerve's vocabulary when hf_assets_path holds no tiktoken file
+    config = _parsed_job_config("--model.hf_assets_path", "./tests/assets/tokenizer", "--training.dataset", "python_stdlib")
+    assert spec.build_tokenizer_fn(config).get_vocab_size() == 2048

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_tensorboard_runs import points
+from torch.utils.tensorboard import SummaryWriter
 from torchtitan_harness import base_config, merge, read_metrics, run_torchtitan
 
 # Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
@@ -176,11 +178,31 @@ def test_resume_logs_at_the_same_steps(tmp_path):
     jsonl = Path(resumed["job"]["dump_folder"]) / "nerve" / "metrics.jsonl"
     jsonl.parent.mkdir(parents=True)
     shutil.copy(Path(full["job"]["dump_folder"]) / "nerve" / "metrics.jsonl", jsonl)
+    # ...and its TensorBoard run, in a folder of an earlier minute than the one torchtitan opens now
+    resumed = merge(resumed, {"metrics": {"enable_tensorboard": True}})
+    tb = Path(resumed["job"]["dump_folder"]) / "tb"
+    stale = SummaryWriter(str(tb / "20000101-0000"))
+    for step in range(1, 6):
+        stale.add_scalar("loss_metrics/global_avg_loss", 100.0 + step, step)
+    for step in (1, 4):
+        stale.add_scalar("nerve/js/layer_000", 9.0, step)
+    stale.close()
     run_torchtitan(tmp_path / "resumed", resumed, nproc=1)
     lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     steps = [line["step"] for line in lines]
     assert steps == [1] * 6 + [4] * 6  # step 4 once: the stale copy was dropped, the new one written
     assert_metrics_close({l["layer"]: l for l in lines if l["step"] == 4}, read_nerve(full)[4], rel=1e-12)
+
+    # One TensorBoard run: the resumed steps replace the attempt's from step 3 on, for TensorBoard's readers.
+    assert sorted(p.name for p in tb.iterdir()) == ["20000101-0000"]
+    loss = {m["step"]: m["loss"] for m in read_metrics(resumed)[0]}
+    for shown in points(tb / "20000101-0000", "loss_metrics/global_avg_loss"):
+        assert [s for s, _ in shown] == [1, 2, 3, 4, 5]
+        assert shown[:2] == [(1, 101.0), (2, 102.0)]  # before the resume: the attempt's own
+        assert [v for _, v in shown[2:]] == pytest.approx([loss[s] for s in (3, 4, 5)], rel=1e-6)
+    js = next(l["js"] for l in lines if l["step"] == 4 and l["layer"] == 0)
+    for shown in points(tb / "20000101-0000", "nerve/js/layer_000"):
+        assert shown[0] == (1, 9.0) and [s for s, _ in shown] == [1, 4] and shown[1][1] == pytest.approx(js, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ normalised spectra. No activation is stored; a D x D statistic per tap and layer
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import sys
 import time
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..monitor import pair_js, tap_result
+from ..monitor import FEW_TOKENS_RATIO, pair_js, tap_result
 from ..solve import solve
 from ..taps import feature_dim
 from .architectures import ARCHITECTURES, Architecture, detect, register
@@ -29,6 +30,8 @@ from .capture import MaskedCapture, resolve_points
 from .results import AnalysisResults, LayerResult
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor], object]
+
+logger = logging.getLogger(__name__)
 
 
 class NerVEAnalyzer:
@@ -96,7 +99,8 @@ class NerVEAnalyzer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         kept = int(mask.sum())
         if kept < 2:
-            raise ValueError(f"analyze needs at least 2 tokens with attention_mask != 0, got {kept}")
+            # a covariance of N rows divides by N - 1
+            raise ValueError(f"analyze needs at least 2 tokens with attention_mask != 0, got {kept}: pass more text")
         passes = self._plan_passes(layers_per_pass, max_stats_gib)
         report = _printer() if progress is True else (progress or None)
         device = _model_device(self.model)
@@ -121,6 +125,13 @@ class NerVEAnalyzer:
         finally:
             self.model.train(was_training)
         tokens = layer_results[self.layers[0]].pre.tokens
+        few = sorted({t.dim for r in layer_results.values() for t in (r.pre, r.post) if t.few_tokens})
+        if few:
+            logger.warning(
+                f"nerve-analyze: {tokens} tokens per layer, fewer than FFN width / {FEW_TOKENS_RATIO} (width "
+                f"{', '.join(map(str, few))}): SE, PR and EEE describe the token sample more than the layers (the "
+                f"results say \"few_tokens\": true); pass more text (--max-tokens, more files)"
+            )
         return AnalysisResults(self.architecture.name, self.name, tokens,
                                [layer_results[layer] for layer in self.layers])
 

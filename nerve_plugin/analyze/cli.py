@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -73,17 +74,42 @@ def is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file()
 
 
+# What save_pretrained writes as weights: one file, or an index of shards.
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_output_dir(out: Path) -> None:
+    """Before any work: --out must be a folder that exists or can be made, and writable."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SystemExit(f"nerve-analyze: --out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"nerve-analyze: --out {out}: {existing} is not writable")
+
+
 def load_hf(args):
     try:
         from transformers import AutoModel
     except ImportError:
         raise SystemExit("nerve-analyze: HuggingFace models need transformers: pip install 'nerve-plugin[hf]'")
-    model = AutoModel.from_pretrained(args.model, local_files_only=True, dtype=DTYPES[args.dtype])
+    if not any((Path(args.model) / name).is_file() for name in HF_WEIGHTS):
+        raise SystemExit(f"nerve-analyze: {args.model} holds config.json but no weights ({', '.join(HF_WEIGHTS[::2])} "
+                         f"or a sharded index): save the model there with save_pretrained")
+    try:
+        model = AutoModel.from_pretrained(args.model, local_files_only=True, dtype=DTYPES[args.dtype])
+    except OSError as error:  # transformers' messages run over several lines; the first says what is wrong
+        raise SystemExit(f"nerve-analyze: loading {args.model} failed: {str(error).strip().splitlines()[0]}")
     config = model.config
     limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
                   if isinstance(getattr(config, k, None), int)), 1024)
-    source = tiktoken_tokenizer(args.tokenizer) if args.tokenizer and is_tiktoken_file(args.tokenizer) \
-        else hf_tokenizer(args.tokenizer or args.model)
+    try:
+        source = tiktoken_tokenizer(args.tokenizer) if args.tokenizer and is_tiktoken_file(args.tokenizer) \
+            else hf_tokenizer(args.tokenizer or args.model)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"nerve-analyze: no tokenizer in {args.tokenizer or args.model} "
+                         f"({str(error).strip().splitlines()[0]}): pass --tokenizer, or save the model's tokenizer there")
     seq_len = args.seq_len or min(1024, limit)
     if seq_len > limit:
         raise SystemExit(f"nerve-analyze: --seq-len {seq_len} exceeds the model's {limit} positions")
@@ -137,6 +163,7 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
     for text in args.text:
         if not Path(text).is_file():
             raise SystemExit(f"nerve-analyze: text file {text} does not exist")
+    check_output_dir(Path(args.out))
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -168,17 +195,20 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> int:
                                max_stats_gib=args.max_stats_gib, progress=not args.quiet)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = format_summary(results)
-    (out / "summary.txt").write_text(table + "\n")
     record = results.to_dict()
     record["settings"] = {
         "text": [str(t) for t in args.text], "tokenizer": source.name, "seq_len": seq_len,
         "sequences": int(input_ids.shape[0]), "batch_size": args.batch_size, "device": str(device),
         "dtype": args.dtype, "checkpoint": str(loaded.step_dir) if loaded else None,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    backend = write_heatmap(results, out / "heatmap.png")
+    try:  # checked at the start, but a disk can fill up or a folder change meanwhile
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.txt").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        backend = write_heatmap(results, out / "heatmap.png")
+    except OSError as error:
+        raise SystemExit(f"nerve-analyze: writing to --out {out} failed: {error}")
     print(table)
     print(f"\nwrote {out / 'summary.txt'}, {out / 'results.json'}, {out / 'heatmap.png'} ({backend}) "
           f"in {time.perf_counter() - start:.1f}s")

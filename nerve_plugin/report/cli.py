@@ -40,11 +40,21 @@ def build_report(run: str, output: str | None = None, tensorboard: str | None = 
         data.loss = load_loss(tensorboard)
     page = render(data, choose(data, layers, steps), jsonl, tensorboard, title)
     output = output or os.path.join(os.path.dirname(os.path.abspath(jsonl)), "report.html")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if os.path.isdir(output):
+        raise ReportError(f"-o {output} is a folder: expected the HTML file to write, e.g. "
+                          f"{os.path.join(output, 'report.html')}")
     aside = output + ".tmp"
-    with open(aside, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(aside, output)  # a reader never sees half a page
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(aside, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.replace(aside, output)  # a reader never sees half a page
+    except OSError as error:
+        # e.g. a folder under a regular file, no permission, a full disk, -o naming a folder
+        if os.path.isfile(aside):
+            os.remove(aside)
+        where = f" ({error.filename})" if error.filename and error.filename != aside else ""
+        raise ReportError(f"cannot write the report to {output}: {error.strerror or error}{where}") from None
     return output
 
 

@@ -12,13 +12,14 @@ stops the run at start-up with the key, the value and what is allowed.
 
 # No `from __future__ import annotations` here: torchtitan merges config dataclasses by their real field types.
 
+import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 
 from torchtitan.config.manager import ConfigManager
 
 from nerve_plugin.config_checks import SectionChecks
 from nerve_plugin.solve import usable_cores
-from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS, EIGENSOLVERS, SOLVE_MODES
+from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS, EIGENSOLVERS, ON_ERROR, SOLVE_MODES
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
 from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
 from nerve_plugin.variants.config import Variant, VariantConfigError
@@ -93,6 +94,11 @@ class Nerve:
     first logging step compiles its kernels and captures a CUDA graph), "eigvalsh" (torch.linalg.eigvalsh, one
     covariance after another) or "auto" (batched on GPUs). Host statistics always use eigvalsh."""
 
+    on_error: str = "warn"
+    """What a writer failing during training (a full disk, a folder gone) does: "warn" reports it once and stops
+    writing there while training goes on, as with NerVE off; "raise" stops the run. An output that cannot be
+    written at start-up always stops the run, naming the path."""
+
     def __post_init__(self):
         check = SectionChecks("nerve", NerveConfigError)
         check.boolean("enable", self.enable)
@@ -116,6 +122,7 @@ class Nerve:
         check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
         check.number("max_overhead", self.max_overhead, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
                      lambda v: 0 <= v < 1)
+        check.choice("on_error", self.on_error, ON_ERROR)
 
 
 @dataclass
@@ -142,6 +149,58 @@ def check_sections(config_cls, toml: dict) -> None:
                 raise errors[section](f"[{f.name}] {key} is not a key of [{f.name}]: expected one of {keys}")
 
 
+def check_flag_values(config_cls, args: list[str]) -> None:
+    """The command line's bool keys of nerve's sections, before tyro reads them. tyro makes each one a flag pair
+    that takes no value (``--nerve.enable`` / ``--nerve.no-enable``), so in ``--nerve.enable 3`` or
+    ``--nerve.enable=true`` the value is left over and tyro names only it ("Unrecognized options: 3").
+    Stops like tyro does (the message on stderr, exit status 2), naming the option and what it accepts."""
+    sections = (Nerve, Muon, Variant)
+    flags: dict[str, set[str]] = {}
+    for f in fields(config_cls):
+        if isinstance(f.type, type) and issubclass(f.type, sections):
+            flags[f.name] = {k.name for k in fields(f.type) if k.type in (bool, "bool")}
+    for i, arg in enumerate(args):
+        option, has_value, value = arg.partition("=")
+        if not option.startswith("--") or "." not in option:
+            continue
+        section, _, key = option[2:].replace("-", "_").partition(".")
+        name = key[3:] if key.startswith("no_") and key[3:] in flags.get(section, ()) else key
+        if name not in flags.get(section, ()):
+            continue
+        given = arg
+        if not has_value and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            has_value, given = True, f"{arg} {args[i + 1]}"
+        if has_value:
+            on, off = f"--{section}.{name}", f"--{section}.no-{name.replace('_', '-')}"
+            print(f"{given}: {option} is a flag and takes no value: expected {on} (true) or {off} "
+                  f"(false); in a TOML, [{section}] {name} = true or false", file=sys.stderr)
+            raise SystemExit(2)
+
+
+class _FlagCheckingTyro:
+    """tyro as torchtitan's ConfigManager sees it: the same module, whose cli() first checks nerve's flags."""
+
+    def __init__(self, tyro):
+        self.tyro = tyro
+
+    def __getattr__(self, name):
+        return getattr(self.tyro, name)
+
+    def cli(self, config_cls, *args, **kwargs):
+        args_ = kwargs.get("args")
+        check_flag_values(config_cls, list(sys.argv[1:] if args_ is None else args_))
+        return self.tyro.cli(config_cls, *args, **kwargs)
+
+
+def _install_cli_check() -> None:
+    # ConfigManager.parse_args imports this module (custom_config_module) and then hands its raw arguments to
+    # tyro.cli, which it looks up in its own module at that moment: the one place where nerve sees them first.
+    import torchtitan.config.manager as manager
+
+    if not isinstance(manager.tyro, _FlagCheckingTyro):
+        manager.tyro = _FlagCheckingTyro(manager.tyro)
+
+
 def _install_section_check() -> None:
     # torchtitan imports this module (custom_config_module) before it turns the TOML into dataclasses, on every
     # rank alike and before any collective; checking there stops every rank at start-up with the same message.
@@ -159,3 +218,4 @@ def _install_section_check() -> None:
 
 
 _install_section_check()
+_install_cli_check()

@@ -30,18 +30,21 @@ import os
 import torch
 from torch import nn
 from torchtitan.components.metrics import MetricsProcessor, TensorBoardLogger, build_metrics_processor
+from torchtitan.components.tokenizer import build_hf_tokenizer
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 from torchtitan.tools.logging import logger
 
 from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
 from nerve_plugin.taps import BUILTIN_SPECS
-from nerve_plugin.torchtitan import muon
+from nerve_plugin.torchtitan import muon, tensorboard_runs
 from nerve_plugin.torchtitan.config import NerveConfigError
 from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
 from nerve_plugin.variants import SPEC_NAME as VARIANT_SPEC
 from nerve_plugin.variants import get_train_spec as variant_train_spec
-from nerve_plugin.writers import JsonlWriter, TensorBoardWriter, write_all
+from nerve_plugin.shutdown import WriteOnStop, WritesOnce
+from nerve_plugin.writers import JsonlWriter, NerveOutputError, TensorBoardWriter, open_jsonl, write_all
 
 CORPUS_DATASET = "python_stdlib"  # training.dataset naming nerve's offline corpus (see corpus.py)
 
@@ -89,6 +92,7 @@ class NerveSession:
             solver_threads=self.config.solver_threads,
             max_overhead=self.config.max_overhead,
             eigensolver=self.config.eigensolver,
+            on_error=self.config.on_error,
         )
         self.groups = ParallelGroups(
             token_group=_optional_group(parallel_dims, "loss"),
@@ -101,6 +105,39 @@ class NerveSession:
         self.pipelined = False
         self.in_pipeline_chunk = 0
         self.first_step: int | None = None  # the first step this process trains (> 1 after a resume)
+        self.processor: MetricsProcessor | None = None
+        self._lock = None  # the JSONL's OutputLock, held by the reporting rank until close
+        self._stop: WriteOnStop | None = None
+        self._writes = WritesOnce(self._write_records)
+
+    def start(self, metrics_processor: MetricsProcessor) -> None:
+        """Start-up, before any step: the reporting rank checks and locks its JSONL (an unwritable path, or
+        another run writing the folder, stops the run here, naming the path) and, with overlapped solves,
+        writes what is solved when the job is stopped (SIGTERM/SIGINT; nerve_plugin.shutdown)."""
+        self.processor = metrics_processor
+        if torch.distributed.get_rank() != self.groups.report_rank:
+            return
+        if "jsonl" in self.config.outputs:
+            self._lock = open_jsonl(jsonl_path(self.job_config))
+        if self.config.solve == "overlap":
+            self._stop = WriteOnStop(self._ready_records, self._writes.write_on_stop).install()
+
+    def close(self) -> None:
+        """torchtitan's Trainer.close, also after an error: write what is solved (no collective: the other
+        ranks may be gone), then let go of the signals and the lock."""
+        try:
+            if self._stop is not None:
+                self._stop.write_ready(0.0, "close")
+        finally:
+            if self._stop is not None:
+                self._stop.uninstall()
+                self._stop = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _ready_records(self, wait_s: float) -> list[LayerRecord]:
+        return self.monitor.ready_records(wait_s) if self.monitor is not None else []
 
     def _tokens_per_forward(self) -> int | None:
         budget = self.config.tokens_per_rank
@@ -129,6 +166,7 @@ class NerveSession:
         """Stop at start-up, not with an out-of-memory error at the first logging step."""
         need = self.monitor.buffer_bytes()
         budget = self.config.memory_budget_gb * 2**30
+        self.monitor.memory_budget_bytes = budget
         if need <= budget:
             return
         dims = sorted({d for t in self.monitor.taps for d in t.dims().values()})
@@ -175,6 +213,8 @@ class NerveSession:
             return
         if self.first_step is None:
             self.first_step = step
+            if step > 1:
+                self._continue_tensorboard_run(step, metrics_processor)
         records = self.monitor.end_step(step)
         if self._flush_due(step):
             # Overlapped solves still running must land before a checkpoint: a resume from it starts after
@@ -182,8 +222,25 @@ class NerveSession:
             records = (records or []) + self.monitor.flush()
         if records is None or torch.distributed.get_rank() != self.groups.report_rank:
             return
-        for logged_step, step_records in records_by_step(records).items():
-            self._write(logged_step, step_records, metrics_processor)
+        self._writes.write(records)
+
+    def _continue_tensorboard_run(self, step: int, metrics_processor: MetricsProcessor) -> None:
+        """A resumed process: its TensorBoard logger goes on in the interrupted attempt's run, with the restart
+        marker that hides that run's stale points (tensorboard_runs.py). Here, at the first step's should_log,
+        torchtitan has not logged a point of this process yet; a marker after one would hide it too."""
+        tb = [l for l in getattr(metrics_processor.logger, "_loggers", []) if isinstance(l, TensorBoardLogger)]
+        if "tensorboard" not in self.config.outputs or not tb:
+            return
+        root = os.path.join(self.job_config.job.dump_folder, self.job_config.metrics.save_tb_folder)
+        try:
+            previous = tensorboard_runs.continue_run(tb[0], root, step)
+        except Exception as error:  # TensorBoard's bookkeeping must not stop training
+            logger.error(f"nerve: resumed at step {step}, but continuing the earlier TensorBoard run failed "
+                         f"({type(error).__name__}: {error}); its points from step {step} on stay visible")
+            return
+        if previous is not None:
+            logger.info(f"nerve: resumed at step {step}: TensorBoard goes on in the interrupted attempt's run "
+                        f"{previous}, whose points from step {step} on are hidden by a restart marker")
 
     def _flush_due(self, step: int) -> bool:
         checkpoint = self.job_config.checkpoint
@@ -191,10 +248,14 @@ class NerveSession:
             return True
         return bool(checkpoint.enable and checkpoint.interval > 0 and step % checkpoint.interval == 0)
 
-    def _write(self, step: int, records: list[LayerRecord], metrics_processor: MetricsProcessor) -> None:
+    def _write_records(self, records: list[LayerRecord]) -> None:
+        for step, step_records in records_by_step(records).items():
+            self._write(step, step_records)
+
+    def _write(self, step: int, records: list[LayerRecord]) -> None:
         if self.writers is None:
-            self.writers = self._build_writers(metrics_processor)
-        self.writers = write_all(self.writers, step, records)
+            self.writers = self._build_writers(self.processor)
+        self.writers = write_all(self.writers, step, records, self.config.on_error)
         pre = [r.pre.spectral_entropy for r in records if r.pre]
         post = [r.post.spectral_entropy for r in records if r.post]
         summary = f"nerve step {step}: {len(records)} layers, merge {self.monitor.last_duration_s:.2f}s"
@@ -215,14 +276,19 @@ class NerveSession:
         usable = []
         for writer in writers:
             try:
-                if self.first_step is not None and self.first_step > 1:
+                if self.first_step is not None and self.first_step > 1 and isinstance(writer, JsonlWriter):
                     # A resumed run: what an earlier attempt logged from here on is stale and is logged again.
+                    # (TensorBoard got its marker at the first step: here, after torchtitan's first points of
+                    # this process, it would hide them too.)
                     writer.truncate_from(self.first_step)
                 elif self.first_step == 1 and isinstance(writer, JsonlWriter):
                     # A fresh run: records already there belong to an attempt this run does not continue.
                     writer.start_fresh()
                 usable.append(writer)
             except OSError as error:
+                if self.config.on_error == "raise":
+                    raise NerveOutputError(f"nerve: preparing {getattr(writer, 'path', writer)} failed ({error}); "
+                                           f"[nerve] on_error = 'raise' stops the run") from error
                 logger.error(f"nerve: preparing {getattr(writer, 'path', writer)} failed ({error}); nerve does not "
                              f"write there, training goes on")
         return usable
@@ -253,7 +319,17 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
             return original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
         processor = original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
         session = _session = NerveSession(job_config, parallel_dims, model_name, model_args)
+        session.start(processor)
         torchtitan_should_log = processor.should_log
+        torchtitan_close = processor.close
+
+        def close() -> None:
+            try:
+                session.close()
+            finally:
+                torchtitan_close()
+
+        processor.close = close
 
         def should_log(step: int) -> bool:
             # The Trainer calls this on every rank once per step, after the optimizer step: the one place
@@ -284,11 +360,15 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
     def build_tokenizer_fn(job_config):
         if uses_tiktoken_assets(job_config):
             return build_tiktoken_tokenizer(job_config)
+        if original_tokenizer is build_hf_tokenizer:
+            check_tokenizer_path(job_config)
         return original_tokenizer(job_config) if original_tokenizer is not None else None
 
     def build_dataloader_fn(dp_world_size, dp_rank, tokenizer, job_config, *args, **kwargs):
         if job_config.training.dataset == CORPUS_DATASET:
             return build_corpus_dataloader(dp_world_size, dp_rank, tokenizer, job_config)
+        if original_dataloader is build_text_dataloader:
+            check_dataset_path(job_config)
         return original_dataloader(dp_world_size, dp_rank, tokenizer, job_config, *args, **kwargs)
 
     return muon.wrap_train_spec(dataclasses.replace(
@@ -332,6 +412,45 @@ def uses_tiktoken_assets(job_config) -> bool:
     path = job_config.model.hf_assets_path
     has_tokenizer_json = os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.json"))
     return find_tokenizer_file(path) is not None and not has_tokenizer_json
+
+
+# torchtitan's datasets whose default path is a folder of its source tree (tests/assets/...), not a Hub name.
+LOCAL_DATASETS = ("c4_test",)
+OFFLINE_HINT = (f"or train offline on nerve's corpus and vocabulary: training.dataset = \"{CORPUS_DATASET}\" "
+                f"(--training.dataset {CORPUS_DATASET}; README, \"Data and tokenizer\")")
+
+
+def check_tokenizer_path(job_config) -> None:
+    """torchtitan's HF tokenizer needs model.hf_assets_path to exist; without it torchtitan's message speaks of
+    downloading (its debug configs name ./tests/assets/tokenizer, which its wheel does not ship)."""
+    path = job_config.model.hf_assets_path
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"model.hf_assets_path = {path!r} does not exist: set it to a folder holding the tokenizer "
+            f"(tokenizer.json, or a tiktoken tokenizer.model), {OFFLINE_HINT}"
+        )
+
+
+def check_dataset_path(job_config) -> None:
+    """torchtitan's text datasets read a local folder for c4_test (its source tree's, not in its wheel) or for a
+    training.dataset_path that is a path; a missing one would otherwise be looked up on the Hugging Face Hub."""
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+
+    training = job_config.training
+    if training.dataset_path:
+        path, what = training.dataset_path, f"training.dataset_path = {training.dataset_path!r}"
+        local = path.startswith(("/", ".", "~"))  # a Hub name ("allenai/c4") never starts so
+    elif training.dataset in DATASETS:
+        path = DATASETS[training.dataset].path
+        what = f"training.dataset = {training.dataset!r} reads {path!r}, which"
+        local = training.dataset in LOCAL_DATASETS
+    else:
+        return  # an unknown name: torchtitan's own error lists the datasets it has
+    if local and not os.path.exists(os.path.expanduser(path)):
+        raise FileNotFoundError(
+            f"{what} does not exist (relative to {os.getcwd()}): set training.dataset_path to the dataset's "
+            f"folder, {OFFLINE_HINT}"
+        )
 
 
 def _optional_group(parallel_dims, name: str):
