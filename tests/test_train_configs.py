@@ -24,8 +24,16 @@ CONFIGS = REPO / "train_configs"
 sys.path.insert(0, str(REPO / "tools"))
 import smoke_train_configs  # noqa: E402
 
-GPT2 = dict(activation="gelu", norm="layernorm", norm_placement="pre", ffn_geometry="none", pos_encoding="learned",
-            ffn_multiplier=4.0, optimizer="AdamW")
+GPT2 = dict(
+    activation="gelu",
+    norm="layernorm",
+    norm_placement="pre",
+    ffn_geometry="none",
+    pos_encoding="learned",
+    ffn_multiplier=4.0,
+    weight_init="gpt2",
+    optimizer="AdamW",
+)  # GPT-2's init in every arm (issue 15)
 NORM_FREE = dict(GPT2, norm="none")
 # experiment -> arm -> what the built job must be (VariantArgs values, plus the optimizer's name): written out
 # here, independently of the files, so a file that drifts from its arm fails.
@@ -51,8 +59,11 @@ EXPERIMENTS = {
         "mixed": dict(GPT2, norm_placement="mixed", mixed_post_layers=2),
     },
     "ffn_width": {f"{m}x": dict(GPT2, ffn_multiplier=float(m)) for m in (1, 2, 4, 8)},
-    "positional_encoding": {"rope": dict(GPT2, pos_encoding="rope"), "learned": GPT2,
-                            "none": dict(GPT2, pos_encoding="none")},
+    "positional_encoding": {
+        "rope": dict(GPT2, pos_encoding="rope"),
+        "learned": GPT2,
+        "none": dict(GPT2, pos_encoding="none"),
+    },
     "optimizer": {"adamw": GPT2, "muon": dict(GPT2, optimizer="Muon")},
 }
 FILES = sorted(CONFIGS.rglob("*.toml"))
@@ -191,14 +202,15 @@ def test_smoke_trains_config(tmp_path, name):
     import json
 
     path = CONFIGS / f"{name}.toml"
-    result = smoke_train_configs.run_config(path, tmp_path / "run", steps=2, nproc=1, gpu=False, seq_len=64,
-                                            batch=2, timeout=300, extra=[])
+    result = smoke_train_configs.run_config(
+        path, tmp_path / "run", steps=2, nproc=1, gpu=False, seq_len=64, batch=2, timeout=300, extra=[]
+    )
     assert result.ok, result.error
     assert result.layers_logged == result.layers_expected == 8
     # the run used the file's model: 8 blocks of its FFN width, measured on all 2 x 64 tokens, at steps 1 and 2
     hidden = int(EXPERIMENTS[path.parent.name][path.stem]["ffn_multiplier"] * 384)
     lines = [json.loads(x) for x in (tmp_path / "run" / "nerve" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted((r["step"], r["layer"]) for r in lines) == [(s, l) for s in (1, 2) for l in range(8)]
+    assert sorted((r["step"], r["layer"]) for r in lines) == [(s, layer) for s in (1, 2) for layer in range(8)]
     assert {(r["pre"]["dim"], r["post"]["dim"], r["pre"]["tokens"]) for r in lines} == {(hidden, hidden, 128)}
     assert list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*")), "no TensorBoard run"
     assert "[variant]" not in result.error and result.final_loss < 9.0  # a finite, sane first loss
@@ -208,5 +220,8 @@ def test_smoke_cli_keeps_its_options_after_config_names():
     args, extra = smoke_train_configs.parse_args(["norm_free", "--steps", "0", "--", "--muon.ns_dtype", "float32"])
     assert args.configs == ["norm_free"] and args.steps == 0 and extra == ["--muon.ns_dtype", "float32"]
     assert [p.stem for p in smoke_train_configs.find_configs(["ffn_width/*x"])] == ["1x", "2x", "4x", "8x"]
-    assert smoke_train_configs.last_logging_step(2000, 100) == 2000 and smoke_train_configs.last_logging_step(
-        7, 5) == 5 and smoke_train_configs.last_logging_step(3, 10) == 1
+    assert (
+        smoke_train_configs.last_logging_step(2000, 100) == 2000
+        and smoke_train_configs.last_logging_step(7, 5) == 5
+        and smoke_train_configs.last_logging_step(3, 10) == 1
+    )

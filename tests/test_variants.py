@@ -45,13 +45,20 @@ if os.environ.get("NERVE_VARIANT_TT") == "1":  # inside a torchtitan worker: reg
                     f.write(json.dumps({"step": step, "max_row_norm_error": worst, "linears": len(rows)}) + "\n")
 
     try:
-        register_train_spec(TT_SPEC, wrap_train_spec(dataclasses.replace(
-            _variant_spec(),
-            build_tokenizer_fn=None,
-            build_dataloader_fn=tt_synthetic.build_synthetic_dataloader,
-            build_metrics_processor_fn=lambda job_config, parallel_dims, model_args=None, tag=None:
-                _GeometryMetricsProcessor(job_config, parallel_dims, tag),
-        ), "llama3"))
+        register_train_spec(
+            TT_SPEC,
+            wrap_train_spec(
+                dataclasses.replace(
+                    _variant_spec(),
+                    build_tokenizer_fn=None,
+                    build_dataloader_fn=tt_synthetic.build_synthetic_dataloader,
+                    build_metrics_processor_fn=lambda job_config, parallel_dims, model_args=None, tag=None: (
+                        _GeometryMetricsProcessor(job_config, parallel_dims, tag)
+                    ),
+                ),
+                "llama3",
+            ),
+        )
     except ValueError:
         pass
 
@@ -59,10 +66,13 @@ from torchtitan.components.optimizer import OptimizersContainer  # noqa: E402
 from torchtitan.models.llama3 import Transformer, llama3_args  # noqa: E402
 
 from nerve_plugin.taps import BUILTIN_SPECS, FFNTaps  # noqa: E402
-from nerve_plugin.variants.model import (FFNLinear, VariantArgs, VariantTransformer,  # noqa: E402
-                                         no_weight_decay)
-from nerve_plugin.variants.train_spec import (VariantParallelismError, build_variant_optimizers,  # noqa: E402
-                                              check_parallelism, get_train_spec)
+from nerve_plugin.variants.model import FFNLinear, VariantArgs, VariantTransformer, no_weight_decay  # noqa: E402
+from nerve_plugin.variants.train_spec import (  # noqa: E402
+    VariantParallelismError,
+    build_variant_optimizers,
+    check_parallelism,
+    get_train_spec,
+)
 
 SEQ = 16
 
@@ -89,9 +99,11 @@ def tokens(seed=1, batch=2):
 
 
 def job_config(variant=None, seq_len=32):
-    return SimpleNamespace(training=SimpleNamespace(seq_len=seq_len),
-                           parallelism=SimpleNamespace(context_parallel_degree=1),
-                           variant=variant or Variant())
+    return SimpleNamespace(
+        training=SimpleNamespace(seq_len=seq_len),
+        parallelism=SimpleNamespace(context_parallel_degree=1),
+        variant=variant or Variant(),
+    )
 
 
 # -- identical to llama3 ---------------------------------------------------------------------------------------
@@ -140,6 +152,132 @@ def test_gpt2_flavor():
     assert build(args).layers["0"].feed_forward.w3.out_features == 768
 
 
+# -- initialisation: llama3's on the llama3 flavors, GPT-2's on the gpt2_* flavors --------------------------------
+
+# Variants whose parameters (every one torchtitan's llama3 also has) draw from the RNG in llama3's order, so with
+# the same seed they must equal llama3's bitwise; norm = "none" drops the norm gains, which drew nothing.
+LLAMA3_INIT_VARIANTS = [
+    {},
+    {"norm": "layernorm"},
+    {"norm": "none"},
+    {"norm_placement": "post"},
+    {"norm_placement": "mixed", "mixed_post_layers": 2},
+    {"activation": "geglu"},
+    {"pos_encoding": "learned"},
+    {"pos_encoding": "none"},
+    {"activation": "geglu", "ffn_geometry": "weight_norm"},
+    {"ffn_geometry": "spectral_norm", "spectral_iters": 2},
+]
+
+
+# every variant on debugmodel; another llama3 flavor (flex attention: the same init path) as it comes
+LLAMA3_INIT_CASES = [("debugmodel", v) for v in LLAMA3_INIT_VARIANTS] + [("debugmodel_flex_attn", {})]
+
+
+@pytest.mark.parametrize(
+    "flavor, variant",
+    LLAMA3_INIT_CASES,
+    ids=[f + ":" + (",".join(f"{k}={x}" for k, x in v.items()) or "llama3") for f, v in LLAMA3_INIT_CASES],
+)
+def test_llama3_flavors_keep_torchtitans_init_bitwise(flavor, variant):
+    args = VariantArgs.from_llama3(llama3_args[flavor], **variant)
+    ref_args = dataclasses.replace(llama3_args[flavor])
+    ref_args.max_seq_len = args.max_seq_len = 32
+    ref = dict(build(ref_args, seed=5, model_cls=Transformer).named_parameters())
+    ours = dict(build(args, seed=5).named_parameters())
+    missing = set(ref) - set(ours)
+    assert missing == ({n for n in ref if "norm" in n} if variant.get("norm") == "none" else set())
+    for name in set(ref) & set(ours):
+        assert torch.equal(ref[name], ours[name]), name
+
+
+GPT2_INIT_VARIANTS = [
+    {},
+    {"activation": "relu"},
+    {"activation": "leaky_relu"},
+    {"activation": "learnable_leaky_relu"},
+    {"activation": "learnable_leaky_relu", "learnable_slope": "global"},
+    {"activation": "geglu"},
+    {"activation": "swiglu"},
+    {"norm": "none"},
+    {"norm": "rmsnorm"},
+    {"norm_placement": "post"},
+    {"norm_placement": "mixed", "mixed_post_layers": 2},
+    {"pos_encoding": "rope"},
+    {"pos_encoding": "none"},
+    {"ffn_multiplier": 2.0},
+    {"ffn_geometry": "weight_norm"},
+    {"ffn_geometry": "spectral_norm", "spectral_iters": 2},
+]
+
+
+def _gpt2_model(flavor, variant, seed=0):
+    args = dataclasses.replace(get_train_spec().model_args[flavor])
+    args.update_from_config(job_config(Variant(**variant), seq_len=64))
+    return args, build(args, seed=seed)
+
+
+def _assert_normal(name, value, std):
+    """value looks like i.i.d. N(0, std) draws: mean, std and the share beyond 3 std (untruncated: 0.27%) each
+    within 5 standard errors of their expectation for this many elements."""
+    x = value.detach().double().flatten()
+    n = x.numel()
+    assert abs(x.mean().item()) < 5 * std / math.sqrt(n), (name, "mean", x.mean().item())
+    # the standard error of a normal sample's std is std / sqrt(2 (n - 1))
+    assert abs(x.std().item() - std) < 5 * std / math.sqrt(2 * (n - 1)), (name, "std", x.std().item(), std)
+    tail, p = (x.abs() > 3 * std).double().mean().item(), 0.0027
+    assert abs(tail - p) < 5 * math.sqrt(p * (1 - p) / n) + 1 / n, (name, "share beyond 3 std", tail)
+
+
+# every variant on the small flavor; the experiments' flavor (8 blocks: another residual scale) as configured there
+GPT2_INIT_CASES = [("gpt2_debugmodel", v) for v in GPT2_INIT_VARIANTS] + [
+    ("gpt2_mini", {}),
+    ("gpt2_mini", {"norm": "none"}),
+]
+
+
+@pytest.mark.parametrize(
+    "flavor, variant",
+    GPT2_INIT_CASES,
+    ids=[f + ":" + (",".join(f"{k}={x}" for k, x in v.items()) or "gpt2") for f, v in GPT2_INIT_CASES],
+)
+def test_gpt2_flavors_initialise_as_gpt2(flavor, variant):
+    """GPT-2's init (HF GPT2LMHeadModel, nanoGPT): every weight N(0, 0.02), the projections added into the
+    residual stream (attention wo, FFN w2) N(0, 0.02 / sqrt(2 n_layers)), biases 0, norm weights 1; the
+    variants' own parameters as the variant defines them."""
+    args, model = _gpt2_model(flavor, variant)
+    residual_std = 0.02 / math.sqrt(2 * args.n_layers)
+    params = dict(model.named_parameters())
+    norms = {
+        f"{prefix}.{leaf}"
+        for prefix, m in model.named_modules()
+        if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+        for leaf, _ in m.named_parameters(recurse=False)
+    }
+    assert bool(norms) == (args.norm != "none")
+    for name, p in params.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if name in norms:
+            assert torch.equal(p, torch.ones_like(p) if leaf == "weight" else torch.zeros_like(p)), name
+        elif leaf == "bias":
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif leaf == "leaky_slope":
+            assert torch.equal(p, torch.full_like(p, args.leaky_slope)), name
+        elif leaf == "weight_gain":  # weight_norm: the rows' norms, so the effective weight is the raw one
+            assert torch.equal(p, torch.linalg.vector_norm(params[name[: -len("_gain")]], dim=-1)), name
+        elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            _assert_normal(name, p, residual_std)
+        elif leaf == "weight":
+            _assert_normal(name, p, 0.02)
+        else:
+            raise AssertionError(f"{name}: no expected GPT-2 init for this parameter")
+    assert model.tok_embeddings.weight is params["tok_embeddings.weight"]  # token embeddings were checked too
+    assert ("pos_embeddings.weight" in params) == (args.pos_encoding == "learned")
+    # the init is seeded: the same seed gives the same model
+    _, again = _gpt2_model(flavor, variant)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+
+
 # -- activations -----------------------------------------------------------------------------------------------
 
 ACTS = {
@@ -154,7 +292,9 @@ ACTS = {
 
 @pytest.mark.parametrize("activation", list(ACTS))
 def test_activation_matches_functional(activation):
-    args = small_args(activation=activation, leaky_slope=0.2, ffn_multiplier=3.0 if activation in ("gelu", "relu") else 4.0)
+    args = small_args(
+        activation=activation, leaky_slope=0.2, ffn_multiplier=3.0 if activation in ("gelu", "relu") else 4.0
+    )
     model = build(args)
     ffn = model.layers["1"].feed_forward
     x = torch.randn(2, SEQ, args.dim)
@@ -175,7 +315,9 @@ def test_learnable_slope_learns_and_is_not_decayed(scope):
     if scope == "layer":
         assert names == [f"layers.{i}.feed_forward.leaky_slope" for i in range(6)]
     else:
-        assert names == ["leaky_slope"] and not any("feed_forward.leaky_slope" in n for n, _ in model.named_parameters())
+        assert names == ["leaky_slope"] and not any(
+            "feed_forward.leaky_slope" in n for n, _ in model.named_parameters()
+        )
     optimizers = _optimizers(model, weight_decay=0.1)
     inner = optimizers.optimizers[0]
     assert [g["weight_decay"] for g in inner.param_groups] == [0.1, 0.0]
@@ -197,9 +339,11 @@ def test_post_norm_normalizes_after_the_residual_add():
     model = build(small_args(norm_placement="post"))
     x = torch.randn(2, SEQ, 256) * 3
     block, out = _block_io(model, 0, x)
+
     # by hand: h = norm(x + attn(x)); out = norm(h + ffn(h)), RMSNorm(v) = v / sqrt(mean(v^2) + eps) * weight
     def rms(v, norm):
         return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+
     h = rms(x + block.attention(x, model.freqs_cis, None), block.attention_norm)
     want = rms(h + block.feed_forward(h), block.ffn_norm)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
@@ -215,8 +359,9 @@ def test_mixed_switches_at_k():
     x = torch.randn(2, SEQ, 256) * 3 + 1
     for layer in range(6):
         _, out = _block_io(model, layer, x)
-        normalized = torch.allclose(out.mean(-1), torch.zeros(2, SEQ), atol=1e-4) and \
-            torch.allclose(out.var(-1, unbiased=False), torch.ones(2, SEQ), atol=1e-3)
+        normalized = torch.allclose(out.mean(-1), torch.zeros(2, SEQ), atol=1e-4) and torch.allclose(
+            out.var(-1, unbiased=False), torch.ones(2, SEQ), atol=1e-3
+        )
         assert normalized == (layer < 2), layer
 
 
@@ -319,11 +464,17 @@ def test_muon_gets_the_variant_rules_through_the_lr_scheduler_builder():
     from nerve_plugin.variants.train_spec import build_variant_lr_schedulers
 
     model = build(small_args(ffn_geometry="ngpt", activation="learnable_leaky_relu", n_layers=2))
-    container = build_muon_optimizers([model], Optimizer(name="Muon", lr=1e-2, weight_decay=0.1),
-                                      SimpleNamespace(tp_enabled=False), None, MuonSection(ns_dtype="float32"))
+    container = build_muon_optimizers(
+        [model],
+        Optimizer(name="Muon", lr=1e-2, weight_decay=0.1),
+        SimpleNamespace(tp_enabled=False),
+        None,
+        MuonSection(ns_dtype="float32"),
+    )
     seen = []
-    build_variant_lr_schedulers(lambda optimizers, *a: seen.append([len(o.param_groups) for o in optimizers.optimizers]))(
-        container, None, 10)
+    build_variant_lr_schedulers(
+        lambda optimizers, *a: seen.append([len(o.param_groups) for o in optimizers.optimizers])
+    )(container, None, 10)
     build_variant_lr_schedulers(lambda *a: None)(container, None, 10)  # once per container
     muon = container.optimizers[0]
     assert seen == [[3]] and len(muon.param_groups) == 3
@@ -404,28 +555,32 @@ def test_nerve_taps_see_the_nonlinearity(variant):
     want_post = gate * ffn.w3(captured["in"]) if hasattr(ffn, "w3") else gate
     torch.testing.assert_close(captured["post"], want_post)
     for tap in ("pre", "post"):
-        torch.testing.assert_close(taps.stats[(2, tap)].mean,
-                                   captured[tap].reshape(-1, hidden).double().mean(0), rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(
+            taps.stats[(2, tap)].mean, captured[tap].reshape(-1, hidden).double().mean(0), rtol=1e-6, atol=1e-8
+        )
     taps.remove()
 
 
 # -- validation ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("activation", "tanh", "'swiglu', 'geglu', 'gelu', 'relu', 'leaky_relu', 'learnable_leaky_relu'"),
-    ("norm", "batchnorm", "'rmsnorm', 'layernorm', 'none'"),
-    ("norm_placement", "sandwich", "'pre', 'post', 'mixed'"),
-    ("ffn_geometry", "orthogonal", "'none', 'weight_norm', 'spectral_norm', 'hyperspherical', 'ngpt'"),
-    ("pos_encoding", "alibi", "'rope', 'learned', 'none'"),
-    ("learnable_slope", "head", "'layer', 'global'"),
-    ("leaky_slope", 1.5, "[0, 1)"),
-    ("leaky_slope", "0.1", "a number"),
-    ("ffn_multiplier", -1.0, "0 (the flavor's) or a number > 0"),
-    ("mixed_post_layers", 0, "an integer >= 1"),
-    ("mixed_post_layers", True, "an integer >= 1"),
-    ("spectral_iters", -1, "an integer >= 0"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("activation", "tanh", "'swiglu', 'geglu', 'gelu', 'relu', 'leaky_relu', 'learnable_leaky_relu'"),
+        ("norm", "batchnorm", "'rmsnorm', 'layernorm', 'none'"),
+        ("norm_placement", "sandwich", "'pre', 'post', 'mixed'"),
+        ("ffn_geometry", "orthogonal", "'none', 'weight_norm', 'spectral_norm', 'hyperspherical', 'ngpt'"),
+        ("pos_encoding", "alibi", "'rope', 'learned', 'none'"),
+        ("learnable_slope", "head", "'layer', 'global'"),
+        ("leaky_slope", 1.5, "[0, 1)"),
+        ("leaky_slope", "0.1", "a number"),
+        ("ffn_multiplier", -1.0, "0 (the flavor's) or a number > 0"),
+        ("mixed_post_layers", 0, "an integer >= 1"),
+        ("mixed_post_layers", True, "an integer >= 1"),
+        ("spectral_iters", -1, "an integer >= 0"),
+    ],
+)
 def test_bad_values_name_key_and_allowed(key, value, allowed):
     with pytest.raises(VariantConfigError) as info:
         Variant(**{key: value})
@@ -446,12 +601,21 @@ def test_combinations_checked_against_the_flavor():
 def test_torchtitan_config_manager_reads_the_section(capsys):
     from torchtitan.config import ConfigManager
 
-    config = ConfigManager().parse_args(["--job.custom_config_module", "nerve_plugin.variants.config",
-                                         "--variant.activation", "relu", "--variant.ffn_multiplier", "2"])
+    config = ConfigManager().parse_args(
+        [
+            "--job.custom_config_module",
+            "nerve_plugin.variants.config",
+            "--variant.activation",
+            "relu",
+            "--variant.ffn_multiplier",
+            "2",
+        ]
+    )
     assert config.variant.activation == "relu" and config.variant.ffn_multiplier == 2
     with pytest.raises(SystemExit):  # torchtitan's CLI (tyro) prints the error and exits
-        ConfigManager().parse_args(["--job.custom_config_module", "nerve_plugin.variants.config",
-                                    "--variant.norm", "batch"])
+        ConfigManager().parse_args(
+            ["--job.custom_config_module", "nerve_plugin.variants.config", "--variant.norm", "batch"]
+        )
     assert "[variant] norm = 'batch' is not allowed" in " ".join(capsys.readouterr().err.split())
 
 
@@ -463,15 +627,32 @@ def _jc(compile=False):
     return SimpleNamespace(compile=SimpleNamespace(enable=compile, components=["model"]))
 
 
-@pytest.mark.parametrize("variant, dims, compile, message", [
-    ({"activation": "relu"}, _dims(tp=2), False, "activation = 'relu' is not supported with tensor parallelism"),
-    ({"ffn_geometry": "weight_norm"}, _dims(tp=2), False, "ffn_geometry = 'weight_norm' is not supported with tensor"),
-    ({"pos_encoding": "learned"}, _dims(pp=2), False, "pos_encoding = 'learned' is not supported with pipeline"),
-    ({"pos_encoding": "learned"}, _dims(cp=2), False, "pos_encoding = 'learned' is not supported with context"),
-    ({"activation": "learnable_leaky_relu", "learnable_slope": "global"}, _dims(pp=2), False,
-     "learnable_slope = 'global' is not supported with pipeline"),
-    ({"ffn_geometry": "spectral_norm"}, _dims(), True, "ffn_geometry = 'spectral_norm' is not supported with torch.compile"),
-])
+@pytest.mark.parametrize(
+    "variant, dims, compile, message",
+    [
+        ({"activation": "relu"}, _dims(tp=2), False, "activation = 'relu' is not supported with tensor parallelism"),
+        (
+            {"ffn_geometry": "weight_norm"},
+            _dims(tp=2),
+            False,
+            "ffn_geometry = 'weight_norm' is not supported with tensor",
+        ),
+        ({"pos_encoding": "learned"}, _dims(pp=2), False, "pos_encoding = 'learned' is not supported with pipeline"),
+        ({"pos_encoding": "learned"}, _dims(cp=2), False, "pos_encoding = 'learned' is not supported with context"),
+        (
+            {"activation": "learnable_leaky_relu", "learnable_slope": "global"},
+            _dims(pp=2),
+            False,
+            "learnable_slope = 'global' is not supported with pipeline",
+        ),
+        (
+            {"ffn_geometry": "spectral_norm"},
+            _dims(),
+            True,
+            "ffn_geometry = 'spectral_norm' is not supported with torch.compile",
+        ),
+    ],
+)
 def test_unsupported_parallelism_stops_at_start_up(variant, dims, compile, message):
     with pytest.raises(VariantParallelismError, match=r"\[variant\] " + message.replace("(", r"\(")):
         check_parallelism(small_args(**variant), dims, _jc(compile))
@@ -482,8 +663,14 @@ def test_unsupported_parallelism_stops_at_start_up(variant, dims, compile, messa
 
 FSDP = {"parallelism": {"data_parallel_shard_degree": 2}}
 TP = {"parallelism": {"data_parallel_shard_degree": 1, "tensor_parallel_degree": 2}}
-PP = {"parallelism": {"data_parallel_shard_degree": 1, "pipeline_parallel_degree": 2,
-                      "pipeline_parallel_schedule": "1F1B", "pipeline_parallel_microbatch_size": 1}}
+PP = {
+    "parallelism": {
+        "data_parallel_shard_degree": 1,
+        "pipeline_parallel_degree": 2,
+        "pipeline_parallel_schedule": "1F1B",
+        "pipeline_parallel_microbatch_size": 1,
+    }
+}
 COMPILE = {"compile": {"enable": True, "backend": "aot_eager"}}  # inductor's C++ builds take minutes on CPU
 MUON = {"optimizer": {"name": "Muon"}, "muon": {"ns_dtype": "float32"}}
 AC_FULL = {"activation_checkpoint": {"mode": "full"}}
@@ -494,34 +681,66 @@ TT_VARIANTS = {
     # layernorm, gelu, learned positions, 4x width; torch.compile of the blocks, taps inside
     "fsdp_gpt2_compile": ("gpt2_debugmodel", {}, FSDP, 2, COMPILE),
     # Muon: the hyperspherical re-projection must still follow every optimizer step
-    "fsdp_relu_hyperspherical_mixed_muon": ("debugmodel", {"activation": "relu", "ffn_geometry": "hyperspherical",
-                                                           "norm_placement": "mixed", "mixed_post_layers": 3},
-                                            FSDP, 2, MUON),
+    "fsdp_relu_hyperspherical_mixed_muon": (
+        "debugmodel",
+        {"activation": "relu", "ffn_geometry": "hyperspherical", "norm_placement": "mixed", "mixed_post_layers": 3},
+        FSDP,
+        2,
+        MUON,
+    ),
     # full AC: the SVD of the spectral norm and the model-wide slope are recomputed in backward
-    "fsdp_global_slope_spectral_normfree_acfull": ("debugmodel", {"activation": "learnable_leaky_relu",
-                                                                  "learnable_slope": "global",
-                                                                  "ffn_geometry": "spectral_norm", "norm": "none",
-                                                                  "pos_encoding": "none"}, FSDP, 2, AC_FULL),
+    "fsdp_global_slope_spectral_normfree_acfull": (
+        "debugmodel",
+        {
+            "activation": "learnable_leaky_relu",
+            "learnable_slope": "global",
+            "ffn_geometry": "spectral_norm",
+            "norm": "none",
+            "pos_encoding": "none",
+        },
+        FSDP,
+        2,
+        AC_FULL,
+    ),
     # op-level selective AC (saves matmul outputs by their order) with TP
-    "tp_geglu_layernorm_acop": ("debugmodel", {"activation": "geglu", "norm": "layernorm", "pos_encoding": "none"},
-                                TP, 1, AC_OP),
-    "pp_layer_slope_post_layernorm": ("debugmodel", {"activation": "learnable_leaky_relu", "norm": "layernorm",
-                                                     "norm_placement": "post"}, PP, 1, {}),
+    "tp_geglu_layernorm_acop": (
+        "debugmodel",
+        {"activation": "geglu", "norm": "layernorm", "pos_encoding": "none"},
+        TP,
+        1,
+        AC_OP,
+    ),
+    "pp_layer_slope_post_layernorm": (
+        "debugmodel",
+        {"activation": "learnable_leaky_relu", "norm": "layernorm", "norm_placement": "post"},
+        PP,
+        1,
+        {},
+    ),
 }
 
 
 def variant_job(tmp_path, flavor, variant, layout, extra=None):
     from torchtitan_harness import base_config, merge
 
-    return merge(merge(merge(base_config(tmp_path), {
-        "experimental": {"custom_import": "test_variants"},
-        "job": {"custom_config_module": "nerve_plugin.torchtitan.config"},
-        "model": {"name": TT_SPEC, "flavor": flavor},
-        "training": {"steps": 3, "local_batch_size": 2},
-        "optimizer": {"lr": 3e-3},
-        "nerve": {"enable": True, "log_freq": 1},
-        "variant": variant,
-    }), layout), extra or {})
+    return merge(
+        merge(
+            merge(
+                base_config(tmp_path),
+                {
+                    "experimental": {"custom_import": "test_variants"},
+                    "job": {"custom_config_module": "nerve_plugin.torchtitan.config"},
+                    "model": {"name": TT_SPEC, "flavor": flavor},
+                    "training": {"steps": 3, "local_batch_size": 2},
+                    "optimizer": {"lr": 3e-3},
+                    "nerve": {"enable": True, "log_freq": 1},
+                    "variant": variant,
+                },
+            ),
+            layout,
+        ),
+        extra or {},
+    )
 
 
 @pytest.mark.slow
@@ -535,8 +754,10 @@ def test_training_with_nerve(tmp_path, name):
     losses = [r["loss"] for r in read_metrics(cfg)[1 if layout is PP else 0]]  # PP: the last stage logs
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], losses
-    records = [json.loads(line) for line in
-               (Path(cfg["job"]["dump_folder"]) / "nerve" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for line in (Path(cfg["job"]["dump_folder"]) / "nerve" / "metrics.jsonl").read_text().splitlines()
+    ]
     hidden = 1024 if flavor.startswith("gpt2") or variant.get("activation") in ("relu", "learnable_leaky_relu") else 768
     for step in (1, 2, 3):
         layers = {r["layer"]: r for r in records if r["step"] == step}
@@ -555,8 +776,10 @@ def test_training_with_nerve(tmp_path, name):
         assert f"Applied {extra['activation_checkpoint']['mode']} activation checkpointing" in proc.stdout
     if variant.get("ffn_geometry") == "hyperspherical":  # the step post-hook ran on FSDP shards, every step
         for rank in (0, 1):
-            rows = [json.loads(line) for line in
-                    (Path(cfg["job"]["dump_folder"]) / f"rows_rank{rank}.jsonl").read_text().splitlines()]
+            rows = [
+                json.loads(line)
+                for line in (Path(cfg["job"]["dump_folder"]) / f"rows_rank{rank}.jsonl").read_text().splitlines()
+            ]
             assert [r["step"] for r in rows] == [1, 2, 3] and all(r["linears"] == 12 for r in rows)
             assert all(r["max_row_norm_error"] < 1e-5 for r in rows), rows
 

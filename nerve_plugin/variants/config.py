@@ -66,8 +66,9 @@ class Variant:
 
     ffn_geometry: str = FLAVOR
     """Constraint on the FFN weights (w1, w2, w3): "none"; "weight_norm" (W = g * V / |V_row|, g initialised to
-    the row norms, so the initial W is the flavor's); "spectral_norm" (W / sigma_max(W), see spectral_iters); "hyperspherical" (rows re-projected to unit norm at init and
-    after every optimizer step); "ngpt" (hyperspherical plus nGPT's learned per-channel scalings: see model.py)."""
+    the row norms, so the initial W is the flavor's); "spectral_norm" (W / sigma_max(W), see spectral_iters);
+    "hyperspherical" (rows re-projected to unit norm at init and after every optimizer step); "ngpt"
+    (hyperspherical plus nGPT's learned per-channel scalings: see model.py)."""
 
     spectral_iters: int = 0
     """ffn_geometry = "spectral_norm": 0 divides by the exact largest singular value every forward (an SVD per
@@ -85,16 +86,25 @@ class Variant:
         check.number("ffn_multiplier", self.ffn_multiplier, "0 (the flavor's) or a number > 0", lambda v: v >= 0)
         check.choice("norm", self.norm, (FLAVOR, *NORMS))
         check.choice("norm_placement", self.norm_placement, (FLAVOR, *NORM_PLACEMENTS))
-        check.integer("mixed_post_layers", self.mixed_post_layers, "an integer >= 1 (and < model.n_layers)", lambda v: v >= 1)
+        check.integer(
+            "mixed_post_layers", self.mixed_post_layers, "an integer >= 1 (and < model.n_layers)", lambda v: v >= 1
+        )
         check.choice("ffn_geometry", self.ffn_geometry, (FLAVOR, *FFN_GEOMETRIES))
-        check.integer("spectral_iters", self.spectral_iters, "an integer >= 0 (0: the exact sigma every forward)",
-                      lambda v: v >= 0)
+        check.integer(
+            "spectral_iters",
+            self.spectral_iters,
+            "an integer >= 0 (0: the exact sigma every forward)",
+            lambda v: v >= 0,
+        )
         check.choice("pos_encoding", self.pos_encoding, (FLAVOR, *POS_ENCODINGS))
 
     def overrides(self) -> dict:
         """The model-arg values this section sets (keys left at "flavor" / 0 are omitted)."""
-        out = {k: getattr(self, k) for k in ("activation", "norm", "norm_placement", "ffn_geometry", "pos_encoding")
-               if getattr(self, k) != FLAVOR}
+        out = {
+            k: getattr(self, k)
+            for k in ("activation", "norm", "norm_placement", "ffn_geometry", "pos_encoding")
+            if getattr(self, k) != FLAVOR
+        }
         if self.ffn_multiplier:
             out["ffn_multiplier"] = float(self.ffn_multiplier)
         out["leaky_slope"] = float(self.leaky_slope)

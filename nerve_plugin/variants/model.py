@@ -41,6 +41,16 @@ What each option builds:
   embeddings; none. With learned and none the RoPE table is all ones, so torchtitan's attention rotates by 1
   (an exact identity) and stays unchanged.
 
+- weight_init (a flavor attribute, not a [variant] key): "llama3" (torchtitan's: token embeddings N(0, 1), wq/wk/wv
+  and w1 N(0, 0.02), wo/w2/w3 0.02 / sqrt(2 (layer + 1)) with depth_init, the output head dim^-0.5 truncated at
+  3 std) or "gpt2" (the gpt2_* flavors; GPT-2's init as HF GPT2LMHeadModel, nanoGPT and the NerVE paper's
+  experiments use it: every weight, token embeddings and the output head included, N(0, 0.02); the two
+  projections added into the residual stream, attention wo and FFN w2, N(0, 0.02 / sqrt(2 n_layers)); learned
+  positions N(0, 0.02); norm weights 1, biases 0; w3 of a gated FFN is an input projection, 0.02). The
+  variants' own parameters follow their rule under both (weight_norm gains = the rows' norms, spectral_norm
+  vectors, hyperspherical projection, leaky slopes). The init matters for what NerVE measures: in issue 15's
+  runs, a norm-free GELU model with llama3's std-1 token embeddings did not show the paper's "spectral inertia".
+
 Gains that should not be weight-decayed (``weight_gain``, ``leaky_slope``) are listed by ``no_weight_decay``;
 the TrainSpec's optimizer builder puts them in a group with weight_decay = 0 (AdamW/Adam only).
 """
@@ -49,6 +59,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,12 +72,32 @@ from torchtitan.models.utils import trunc_normal_
 
 from nerve_plugin.config_checks import SectionChecks
 
-from .config import (ACTIVATIONS, FFN_GEOMETRIES, GATED_ACTIVATIONS, NORM_PLACEMENTS, NORMS, POS_ENCODINGS,
-                     SLOPE_SCOPES, VariantConfigError)
+from .config import (
+    ACTIVATIONS,
+    FFN_GEOMETRIES,
+    GATED_ACTIVATIONS,
+    NORM_PLACEMENTS,
+    NORMS,
+    POS_ENCODINGS,
+    SLOPE_SCOPES,
+    VariantConfigError,
+)
 
-VARIANT_KEYS = ("activation", "leaky_slope", "learnable_slope", "ffn_multiplier", "norm", "norm_placement",
-                "mixed_post_layers", "ffn_geometry", "spectral_iters", "pos_encoding")
+VARIANT_KEYS = (
+    "activation",
+    "leaky_slope",
+    "learnable_slope",
+    "ffn_multiplier",
+    "norm",
+    "norm_placement",
+    "mixed_post_layers",
+    "ffn_geometry",
+    "spectral_iters",
+    "pos_encoding",
+)
 NO_WEIGHT_DECAY_NAMES = ("weight_gain", "leaky_slope")
+WEIGHT_INITS = ("llama3", "gpt2")
+GPT2_INIT_STD = 0.02  # GPT-2's initializer_range
 
 
 @dataclass
@@ -81,6 +112,8 @@ class VariantArgs(TransformerModelArgs):
     ffn_geometry: str = "none"
     spectral_iters: int = 0
     pos_encoding: str = "rope"
+    # Not a [variant] key: the flavor's (gpt2_* flavors: "gpt2"), so a job's init follows its flavor.
+    weight_init: str = "llama3"
 
     def __post_init__(self):
         # The flavor's own choices: update_from_config starts from them, so that a second job built in the same
@@ -107,27 +140,49 @@ class VariantArgs(TransformerModelArgs):
         return self.activation in GATED_ACTIVATIONS
 
     def is_llama3(self) -> bool:
-        return (self.activation == "swiglu" and self.norm == "rmsnorm" and self.norm_placement == "pre"
-                and self.ffn_geometry == "none" and self.pos_encoding == "rope")
+        return (
+            self.activation == "swiglu"
+            and self.norm == "rmsnorm"
+            and self.norm_placement == "pre"
+            and self.ffn_geometry == "none"
+            and self.pos_encoding == "rope"
+        )
 
     def validate(self) -> None:
         check = SectionChecks("variant", VariantConfigError)
-        for key, allowed in (("activation", ACTIVATIONS), ("learnable_slope", SLOPE_SCOPES), ("norm", NORMS),
-                             ("norm_placement", NORM_PLACEMENTS), ("ffn_geometry", FFN_GEOMETRIES),
-                             ("pos_encoding", POS_ENCODINGS)):
+        for key, allowed in (
+            ("activation", ACTIVATIONS),
+            ("learnable_slope", SLOPE_SCOPES),
+            ("norm", NORMS),
+            ("norm_placement", NORM_PLACEMENTS),
+            ("ffn_geometry", FFN_GEOMETRIES),
+            ("pos_encoding", POS_ENCODINGS),
+        ):
             check.choice(key, getattr(self, key), allowed)
+        if self.weight_init not in WEIGHT_INITS:  # set in code only (a flavor's), hence not a [variant] message
+            raise VariantConfigError(
+                f"VariantArgs.weight_init = {self.weight_init!r} is not allowed: expected one "
+                f"of {', '.join(map(repr, WEIGHT_INITS))}"
+            )
         flavor_multiplier = self._flavor_variant["ffn_multiplier"]
         if self.gated and self.ffn_multiplier != flavor_multiplier:
-            check.fail("ffn_multiplier", self.ffn_multiplier,
-                       f"0 (the flavor's sizing) with the gated activation {self.activation!r}: gated FFNs keep "
-                       "torchtitan's llama3 sizing (ffn_dim_multiplier, multiple_of)")
+            check.fail(
+                "ffn_multiplier",
+                self.ffn_multiplier,
+                f"0 (the flavor's sizing) with the gated activation {self.activation!r}: gated FFNs keep "
+                "torchtitan's llama3 sizing (ffn_dim_multiplier, multiple_of)",
+            )
         if self.ffn_multiplier <= 0:
             check.fail("ffn_multiplier", self.ffn_multiplier, "a number > 0")
-        check.integer("spectral_iters", self.spectral_iters, "an integer >= 0 (0: exact sigma every forward)",
-                      lambda v: v >= 0)
+        check.integer(
+            "spectral_iters", self.spectral_iters, "an integer >= 0 (0: exact sigma every forward)", lambda v: v >= 0
+        )
         if self.norm_placement == "mixed" and not 1 <= self.mixed_post_layers < self.n_layers:
-            check.fail("mixed_post_layers", self.mixed_post_layers,
-                       f"an integer in [1, {self.n_layers - 1}] (n_layers = {self.n_layers}) with norm_placement = 'mixed'")
+            check.fail(
+                "mixed_post_layers",
+                self.mixed_post_layers,
+                f"an integer in [1, {self.n_layers - 1}] (n_layers = {self.n_layers}) with norm_placement = 'mixed'",
+            )
 
 
 class NoNorm(nn.Identity):
@@ -151,7 +206,9 @@ def make_norm(args: VariantArgs) -> nn.Module:
 def _local_rows(weight: torch.Tensor) -> torch.Tensor:
     """The tensor whose rows are whole rows of ``weight``: the local shard under FSDP (Shard(0)) or replication."""
     if isinstance(weight, DTensor):
-        if any(not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0) for p in weight.placements):
+        if any(
+            not isinstance(p, (Shard, Replicate)) or (isinstance(p, Shard) and p.dim != 0) for p in weight.placements
+        ):
             raise RuntimeError(f"[variant] ffn_geometry needs whole weight rows on each rank, got {weight.placements}")
         return weight.to_local()
     return weight
@@ -164,8 +221,7 @@ def _full(weight: torch.Tensor) -> torch.Tensor:
 class FFNLinear(nn.Linear):
     """A bias-free Linear whose effective weight follows an ffn_geometry. ``weight`` keeps its name and shape."""
 
-    def __init__(self, in_features: int, out_features: int, geometry: str, gain: bool = False,
-                 spectral_iters: int = 0):
+    def __init__(self, in_features: int, out_features: int, geometry: str, gain: bool = False, spectral_iters: int = 0):
         super().__init__(in_features, out_features, bias=False)
         self.geometry = geometry
         self.spectral_iters = spectral_iters
@@ -233,8 +289,12 @@ class VariantFeedForward(FeedForward):
 
     def __init__(self, args: VariantArgs, root: "VariantTransformer | None" = None):
         if args.gated:
-            super().__init__(dim=args.dim, hidden_dim=4 * args.dim, multiple_of=args.multiple_of,
-                             ffn_dim_multiplier=args.ffn_dim_multiplier)
+            super().__init__(
+                dim=args.dim,
+                hidden_dim=4 * args.dim,
+                multiple_of=args.multiple_of,
+                ffn_dim_multiplier=args.ffn_dim_multiplier,
+            )
             hidden = self.w1.out_features
         else:
             nn.Module.__init__(self)
@@ -283,6 +343,10 @@ class VariantFeedForward(FeedForward):
         trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
         for linear in (self.w2, self.w3) if self.gated else (self.w2,):
             trunc_normal_(linear.weight, mean=0.0, std=init_std)
+        self.init_variant_parameters()
+
+    def init_variant_parameters(self) -> None:
+        """What the variant adds after the weights are drawn (either init scheme): slope, gains, unit rows."""
         if hasattr(self, "leaky_slope"):
             with torch.no_grad():
                 self.leaky_slope.fill_(self.negative_slope)
@@ -303,7 +367,8 @@ class VariantBlock(TransformerBlock):
             self.attention_norm = make_norm(args)
             self.ffn_norm = make_norm(args)
         self.post_norm = args.norm_placement == "post" or (
-            args.norm_placement == "mixed" and layer_id < args.mixed_post_layers)
+            args.norm_placement == "mixed" and layer_id < args.mixed_post_layers
+        )
 
     def forward(self, x, freqs_cis, attention_masks, positions=None):
         if not self.post_norm:
@@ -316,6 +381,21 @@ class VariantBlock(TransformerBlock):
             norm.reset_parameters()
         self.attention.init_weights(self.weight_init_std)
         self.feed_forward.init_weights(self.weight_init_std)
+
+    def init_gpt2_weights(self, residual_std: float) -> None:
+        """GPT-2's init (weight_init = "gpt2"): plain N(0, 0.02) weights; wo and w2 (their outputs are added into
+        the residual stream) N(0, residual_std); norms weight 1, bias 0. Also for torchtitan's own FeedForward
+        (swiglu): its w3 is an input projection, 0.02 as in GPT-2, not llama3's init_std."""
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        attention, ffn = self.attention, self.feed_forward
+        for linear in (attention.wq, attention.wk, attention.wv, ffn.w1, getattr(ffn, "w3", None)):
+            if linear is not None:
+                nn.init.normal_(linear.weight, mean=0.0, std=GPT2_INIT_STD)
+        for linear in (attention.wo, ffn.w2):
+            nn.init.normal_(linear.weight, mean=0.0, std=residual_std)
+        if isinstance(ffn, VariantFeedForward):
+            ffn.init_variant_parameters()
 
 
 class VariantTransformer(Transformer):
@@ -346,12 +426,33 @@ class VariantTransformer(Transformer):
         return freqs_cis
 
     def init_weights(self, buffer_device: torch.device | None = None):
-        super().init_weights(buffer_device=buffer_device)
+        if self.model_args.weight_init == "gpt2":
+            self._init_gpt2_weights(buffer_device)
+        else:
+            super().init_weights(buffer_device=buffer_device)
         with torch.no_grad():
             if self.pos_embeddings is not None:
                 nn.init.normal_(self.pos_embeddings.weight, mean=0.0, std=0.02)
             if getattr(self, "leaky_slope", None) is not None:
                 self.leaky_slope.fill_(self.model_args.leaky_slope)
+
+    def _init_gpt2_weights(self, buffer_device: torch.device | None) -> None:
+        """llama3's init_weights with GPT-2's distributions (see VariantBlock.init_gpt2_weights); the parts are
+        None on pipeline stages that do not hold them, as in torchtitan's. The residual scale counts every block
+        of the model (model_args.n_layers), not those of this stage."""
+        buffer_device = buffer_device or self.freqs_cis.device
+        with torch.device(buffer_device):  # the RoPE table, recomputed as torchtitan's init_weights does
+            self.freqs_cis = self._precompute_freqs_cis()
+        residual_std = GPT2_INIT_STD / math.sqrt(2 * self.model_args.n_layers)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=GPT2_INIT_STD)
+        for layer in self.layers.values():
+            if layer is not None:
+                layer.init_gpt2_weights(residual_std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None:  # untied here; GPT-2 ties it to the token embeddings' N(0, 0.02)
+            nn.init.normal_(self.output.weight, mean=0.0, std=GPT2_INIT_STD)
 
     def forward(self, tokens, attention_masks=None, positions=None):
         if self.pos_embeddings is None:

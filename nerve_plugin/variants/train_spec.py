@@ -2,8 +2,9 @@
 
 - ``model_cls``: ``VariantTransformer``; ``model_args``: torchtitan's llama3 flavors (as ``VariantArgs``, with
   llama3's choices, so that with no [variant] key set the model is llama3's), plus GPT-2-style flavors
-  (layernorm, gelu, learned absolute positions, FFN hidden = 4 x dim; no linear biases, untied embeddings:
-  torchtitan's llama3 skeleton otherwise) ``gpt2_debugmodel`` (llama3 debugmodel's sizes), ``gpt2_mini``
+  (layernorm, gelu, learned absolute positions, FFN hidden = 4 x dim, GPT-2's initialisation: every weight
+  N(0, 0.02), the residual output projections 0.02 / sqrt(2 n_layers), see model.py; no linear biases, untied
+  embeddings: torchtitan's llama3 skeleton otherwise) ``gpt2_debugmodel`` (llama3 debugmodel's sizes), ``gpt2_mini``
   (dim 384, 8 blocks of 6 heads, nerve's 2048-token vocabulary: ~16M parameters, the size of the experiment
   configs in train_configs/), ``gpt2_small`` (124M sizes), ``gpt2_medium``, ``gpt2_large``, ``gpt2_xl``.
 - ``parallelize_fn``: llama3's, after checking that the variant is supported under the job's parallelism;
@@ -28,7 +29,7 @@ from torchtitan.protocols.train_spec import TrainSpec
 from .model import VariantArgs, VariantTransformer, hyperspherical_linears, no_weight_decay, project_hyperspherical
 
 
-_GPT2 = dict(activation="gelu", norm="layernorm", pos_encoding="learned", ffn_multiplier=4.0)
+_GPT2 = dict(activation="gelu", norm="layernorm", pos_encoding="learned", ffn_multiplier=4.0, weight_init="gpt2")
 GPT2_FLAVORS = {
     "gpt2_debugmodel": dict(dim=256, n_layers=6, n_heads=16, vocab_size=2048, max_seq_len=1024),
     "gpt2_mini": dict(dim=384, n_layers=8, n_heads=6, vocab_size=2048, max_seq_len=1024),
@@ -54,31 +55,47 @@ def check_parallelism(args: VariantArgs, parallel_dims, job_config) -> None:
 
     def refuse(key: str, parallelism: str, why: str):
         raise VariantParallelismError(
-            f"[variant] {key} = {getattr(args, key)!r} is not supported with {parallelism}: {why}")
+            f"[variant] {key} = {getattr(args, key)!r} is not supported with {parallelism}: {why}"
+        )
 
     compiled = job_config.compile.enable and "model" in job_config.compile.components
     if parallel_dims.tp_enabled:
         if not args.gated:
-            refuse("activation", "tensor parallelism",
-                   "llama3's TP plan shards feed_forward.w3, which non-gated FFNs do not have; use swiglu or geglu")
+            refuse(
+                "activation",
+                "tensor parallelism",
+                "llama3's TP plan shards feed_forward.w3, which non-gated FFNs do not have; use swiglu or geglu",
+            )
         if args.ffn_geometry != "none":
-            refuse("ffn_geometry", "tensor parallelism",
-                   "the gains, power-iteration vectors and row norms assume whole weight rows on each rank")
+            refuse(
+                "ffn_geometry",
+                "tensor parallelism",
+                "the gains, power-iteration vectors and row norms assume whole weight rows on each rank",
+            )
         if args.pos_encoding == "learned":
-            refuse("pos_encoding", "tensor parallelism",
-                   "the token embeddings come out sequence-sharded; learned positions are not sharded to match")
+            refuse(
+                "pos_encoding",
+                "tensor parallelism",
+                "the token embeddings come out sequence-sharded; learned positions are not sharded to match",
+            )
         if args.norm_placement != "pre":
             refuse("norm_placement", "tensor parallelism", "only pre-norm blocks follow llama3's TP plan (untested)")
     if parallel_dims.cp_enabled and args.pos_encoding == "learned":
         refuse("pos_encoding", "context parallelism", "each rank holds a shard of the sequence, not positions 0..n")
     if parallel_dims.pp_enabled:
         if args.pos_encoding == "learned":
-            refuse("pos_encoding", "pipeline parallelism",
-                   "torchtitan's pipeline split keeps only tok_embeddings on the first stage; pos_embeddings "
-                   "would be on every stage")
+            refuse(
+                "pos_encoding",
+                "pipeline parallelism",
+                "torchtitan's pipeline split keeps only tok_embeddings on the first stage; pos_embeddings "
+                "would be on every stage",
+            )
         if args.activation == "learnable_leaky_relu" and args.learnable_slope == "global":
-            refuse("learnable_slope", "pipeline parallelism",
-                   "one slope shared by blocks on different stages; use learnable_slope = 'layer'")
+            refuse(
+                "learnable_slope",
+                "pipeline parallelism",
+                "one slope shared by blocks on different stages; use learnable_slope = 'layer'",
+            )
     if compiled:
         if args.ffn_geometry == "spectral_norm":
             refuse("ffn_geometry", "torch.compile", "the in-forward power-iteration update is not compile-tested")
@@ -113,8 +130,9 @@ def split_weight_decay(optimizers, model_parts) -> int:
                 group["weight_decay"] = 0.0
             else:
                 group["params"] = keep
-                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": gains,
-                                           "weight_decay": 0.0})
+                optimizer.add_param_group(
+                    {**{k: v for k, v in group.items() if k != "params"}, "params": gains, "weight_decay": 0.0}
+                )
             moved += len(gains)
     return moved
 
