@@ -90,8 +90,9 @@ def graph_seconds(work, source, bandwidth, panel, tiling, device, reps: int = 3)
     return median_seconds(graph.replay, lambda: work.copy_(source), device, reps)
 
 
-def measure(source: torch.Tensor, work: torch.Tensor, bandwidth: int, panel: str, tiling, graph: bool,
-            device: torch.device) -> dict:
+def measure(
+    source: torch.Tensor, work: torch.Tensor, bandwidth: int, panel: str, tiling, graph: bool, device: torch.device
+) -> dict:
     """Stage and panel times (s), peak workspace (GiB), graph replay time (s, or the capture error) and the
     matrices flagged as stalled, of one panel method on ``source``."""
     reset = lambda: work.copy_(source)  # noqa: E731
@@ -226,24 +227,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("24x3072,32x8192,1x14336,1x28672"))
     parser.add_argument("--bandwidth", type=int, default=32)
-    parser.add_argument("--panel", choices=["persistent", "triton", "torch"], default=None,
-                        help="default: reduce_to_band's on the device")
-    parser.add_argument("--tiling", type=lambda s: tuple(int(p) for p in s.split("x")), default=None,
-                        help="the panel kernel's tiling: ROWSxCHUNKS for triton, ROWSxWARPS for persistent"
-                        " (default: picked from the shape)")
+    parser.add_argument(
+        "--panel",
+        choices=["persistent", "triton", "torch"],
+        default=None,
+        help="default: reduce_to_band's on the device",
+    )
+    parser.add_argument(
+        "--tiling",
+        type=lambda s: tuple(int(p) for p in s.split("x")),
+        default=None,
+        help="the panel kernel's tiling: ROWSxCHUNKS for triton, ROWSxWARPS for persistent"
+        " (default: picked from the shape)",
+    )
     parser.add_argument("--graph", action="store_true", help="also time a CUDA-graph replay")
     parser.add_argument("--check-n", type=int, default=None, help="accuracy check size (default 3072; CPU: first n)")
-    parser.add_argument("--compare", action="store_true",
-                        help="time the panel methods side by side and check persistent against triton")
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=["triton", "torch", "persistent"],
-                        help="the methods --compare times (comma-separated)")
+    parser.add_argument(
+        "--compare", action="store_true", help="time the panel methods side by side and check persistent against triton"
+    )
+    parser.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        default=["triton", "torch", "persistent"],
+        help="the methods --compare times (comma-separated)",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.panel = args.panel or (band_module._CUDA_DEFAULT_PANEL if device.type == "cuda" else "torch")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     if args.compare:
-        print(f"{name}, torch {torch.__version__}, methods {','.join(args.methods)},"
-              f" tiling {args.tiling or 'default'} (for {args.panel})")
+        print(
+            f"{name}, torch {torch.__version__}, methods {','.join(args.methods)},"
+            f" tiling {args.tiling or 'default'} (for {args.panel})"
+        )
         for batch, n in args.sizes:
             compare_size(batch, n, args, device)
         return

@@ -19,8 +19,14 @@ import time
 
 import torch
 
-from nerve_plugin.eigen import BatchedEigensolver, eigvalsh_pipeline
-from nerve_plugin.spectrum import EIG_FLOOR, compute_eee, compute_js, compute_participation_ratio, compute_spectral_entropy
+from nerve_plugin.eigen import BatchedEigensolver
+from nerve_plugin.spectrum import (
+    EIG_FLOOR,
+    compute_eee,
+    compute_js,
+    compute_participation_ratio,
+    compute_spectral_entropy,
+)
 
 FLOPS = 67e12
 BANDWIDTH_BYTES = 4.8e12
@@ -47,7 +53,7 @@ def orthogonal(n, generator):
 def spectra(n, generator):
     """(name, matrix) pairs of the test spectra."""
     k = torch.arange(1, n + 1, dtype=torch.float64, device="cuda")
-    power = k ** -1.0
+    power = k**-1.0
     out = []
     for name, lam in (
         ("power law", power),
@@ -96,13 +102,18 @@ def precision(sizes):
                     js_ref = compute_js(ref[1], previous[0])
                     js = f"{abs(compute_js(p, previous[1]) - js_ref) / js_ref:.1e}"
                 previous = (ref[1], p)
-                print(f"| {n} | {name} | {method} | {errors['SE']:.1e} | {errors['PR']:.1e} | {errors['EEE']:.1e} | {js} |")
+                print(
+                    f"| {n} | {name} | {method} | {errors['SE']:.1e} | {errors['PR']:.1e} | {errors['EEE']:.1e} "
+                    f"| {js} |"
+                )
         print(f"(batched fallbacks: {sorted(fell_back)})")
 
 
 def speed(shapes, reference=True, panel=None):
-    print("| matrices | eigvalsh fp64 | eigvalsh fp32 | nerve batched | band | chase | bisection | "
-          "compute floor (4/3 n^3 at 67 TF) | one-stage traffic floor | batched / floor | eigvalsh fp64 / batched |")
+    print(
+        "| matrices | eigvalsh fp64 | eigvalsh fp32 | nerve batched | band | chase | bisection | "
+        "compute floor (4/3 n^3 at 67 TF) | one-stage traffic floor | batched / floor | eigvalsh fp64 / batched |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     from nerve_plugin.eigen.band import reduce_to_band
     from nerve_plugin.eigen.chase import band_to_tridiagonal
@@ -118,6 +129,7 @@ def speed(shapes, reference=True, panel=None):
         fp32 = timed(lambda: torch.linalg.eigvalsh(a.float()), reps) * batch if reference else math.nan
         if panel:
             import nerve_plugin.eigen.band as band_module
+
             band_module._CUDA_DEFAULT_PANEL = panel
         solver = BatchedEigensolver()
         mats = [a] * batch
@@ -129,11 +141,14 @@ def speed(shapes, reference=True, panel=None):
         chase_s = timed(lambda: band_to_tridiagonal(band), 1)
         d, e, _ = band_to_tridiagonal(band)
         bisect_s = timed(lambda: tridiagonal_eigvalsh(d, e), 1)
-        del work, band
+        work = band = None  # freed before the next size (a del would leave the lambdas above unbound names)
         floor = batch * 4 / 3 * n**3 / FLOPS
         traffic = batch * n**3 / 3 * 8 / BANDWIDTH_BYTES
-        print(f"| {batch} x {n} | {fp64:.3f} s | {fp32:.3f} s | {ours:.3f} s | {band_s:.3f} s (eager) | {chase_s:.3f} s | "
-              f"{bisect_s:.3f} s | {floor * 1e3:.1f} ms | {traffic * 1e3:.0f} ms | {ours / floor:.1f}x | {fp64 / ours:.1f}x |")
+        print(
+            f"| {batch} x {n} | {fp64:.3f} s | {fp32:.3f} s | {ours:.3f} s | {band_s:.3f} s (eager) "
+            f"| {chase_s:.3f} s | {bisect_s:.3f} s | {floor * 1e3:.1f} ms | {traffic * 1e3:.0f} ms "
+            f"| {ours / floor:.1f}x | {fp64 / ours:.1f}x |"
+        )
         solver.release()
         torch.cuda.empty_cache()
 

@@ -67,11 +67,18 @@ def main():
         source = source + source.mT
         work = torch.empty_like(source)
         floor = batch * 4 / 3 * n**3 / FLOPS
-        configs = [(b, group, panel, block) for b in (int(v) for v in args.bandwidths.split(","))
-                   for group in (int(v) for v in args.groups.split(",")) for panel in args.panels.split(",")
-                   for block in (int(v) or None for v in args.blocks.split(","))]
+        configs = [
+            (b, group, panel, block)
+            for b in (int(v) for v in args.bandwidths.split(","))
+            for group in (int(v) for v in args.groups.split(","))
+            for panel in args.panels.split(",")
+            for block in (int(v) or None for v in args.blocks.split(","))
+        ]
         for b, group, panel, block in configs:
-            reset = lambda: work.copy_(source)
+
+            def reset():
+                return work.copy_(source)
+
             held = {}
             options = dict(panel=panel, update_group=group, update_block=block)
 
@@ -93,8 +100,11 @@ def main():
                     times.append(time.perf_counter() - start)
                 eager = f" (eager {sorted(times)[1] * 1e3:.1f} ms)"
             if args.whole_only:
-                print(f"| {batch} x {n} | {b} | {group} | {panel} | block {block} | | | | {t_whole * 1e3:.1f} ms"
-                      f"{eager} | {floor * 1e3:.1f} ms | {t_whole / floor:.1f} |", flush=True)
+                print(
+                    f"| {batch} x {n} | {b} | {group} | {panel} | block {block} | | | | {t_whole * 1e3:.1f} ms"
+                    f"{eager} | {floor * 1e3:.1f} ms | {t_whole / floor:.1f} |",
+                    flush=True,
+                )
                 continue
 
             def band_stage():
@@ -105,6 +115,7 @@ def main():
 
             chase_times = []
             for warps in (int(v) for v in args.chase_warps.split(",")):
+
                 def chase_stage():
                     held["tri"] = band_to_tridiagonal(band, num_warps=warps)
 
@@ -113,10 +124,14 @@ def main():
             d, e, _ = (x.clone() for x in held["tri"])
             t_bisect = graph_seconds(lambda: tridiagonal_eigvalsh(d, e), lambda: None)
             total = t_band + t_chase + t_bisect
-            print(f"| {batch} x {n} | {b} | {group} | {panel} block {block} | {t_band * 1e3:.1f} ms | {'/'.join(chase_times)} ms | "
-                  f"{t_bisect * 1e3:.1f} ms | {total * 1e3:.1f} ms | {t_whole * 1e3:.1f} ms{eager} | "
-                  f"{floor * 1e3:.1f} ms | {t_whole / floor:.1f} |", flush=True)
-        del source, work
+            print(
+                f"| {batch} x {n} | {b} | {group} | {panel} block {block} | {t_band * 1e3:.1f} ms | "
+                f"{'/'.join(chase_times)} ms | "
+                f"{t_bisect * 1e3:.1f} ms | {total * 1e3:.1f} ms | {t_whole * 1e3:.1f} ms{eager} | "
+                f"{floor * 1e3:.1f} ms | {t_whole / floor:.1f} |",
+                flush=True,
+            )
+        source = work = None  # freed before the next size (a del would leave the closures above unbound names)
         torch.cuda.empty_cache()
 
 

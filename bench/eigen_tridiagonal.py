@@ -7,6 +7,7 @@ matrix 0 against torch.linalg.eigvalsh of the dense matrix in units of eps * max
     python bench/eigen_tridiagonal.py --block 32,64,128 --no-newton
     python bench/eigen_tridiagonal.py --sizes 2x64             # no GPU: Triton's interpreter, small sizes only
 """
+
 import argparse
 import os
 import statistics
@@ -91,9 +92,12 @@ def main(argv=None):
             else:
                 error = (eigenvalues[0] - reference).abs().max() / (EPS * reference.abs().max())
                 error_text = f"error {error.item():6.2f} eps*max|eig|"
-            print(f"B={batch:3d} n={n:6d} block={block:3d} {'newton' if newton else 'bisect'}: {ms:9.2f} ms"
-                  f"{graph_text}  iterations mean {iterations.mean().item():5.1f} max {iterations.max().item():3.0f}"
-                  f"  {error_text}", flush=True)
+            print(
+                f"B={batch:3d} n={n:6d} block={block:3d} {'newton' if newton else 'bisect'}: {ms:9.2f} ms"
+                f"{graph_text}  iterations mean {iterations.mean().item():5.1f} max {iterations.max().item():3.0f}"
+                f"  {error_text}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

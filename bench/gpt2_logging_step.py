@@ -2,7 +2,7 @@
 
     python bench/gpt2_logging_step.py [--original PATH]   # PATH holds the original NerVE's `nerve` package
 
-Arms, in one process on the same model and tokens: NerVE off; nerve's NerveLoop (solve = "sync") with the batched
+Arms, in one process on the same model and tokens: NerVE off; nerve's NerveLoop (solve_timing = "sync") with the batched
 eigen-solver (nerve_plugin.eigen) and with torch.linalg.eigvalsh; the original NerVE FFNEigenMetricsCallback
 (unmodified, full batch: do_sampling=False) driven through its own Trainer-callback methods. Each arm starts from
 the same initial weights, so its step-1 metrics can be compared. Prints medians and ratios to the normal step.
@@ -67,10 +67,12 @@ def run_nerve(initial, batch, solver, logging_steps=5, normal_steps=10):
     torch.manual_seed(123)  # the same dropout masks at step 1 in every arm
     logging, own, first = [], [], None
     for s in range(1, logging_steps + 1):
+
         def one():
             loop.begin_step(s)
             step()
             return loop.end_step(s)
+
         seconds, records = timed(one)
         if s == 1:
             first = records
@@ -98,8 +100,10 @@ def profile_nerve(initial, batch, rows=25):
         step()
         seconds, _ = timed(lambda: loop.end_step(s))
         own.append(seconds)
-    print(f"end_step after the step's GPU work (NerVE's merge + solves + records): "
-          f"{', '.join(f'{t * 1e3:.0f}' for t in own)} ms")
+    print(
+        f"end_step after the step's GPU work (NerVE's merge + solves + records): "
+        f"{', '.join(f'{t * 1e3:.0f}' for t in own)} ms"
+    )
     loop.begin_step(5)
     step()
     torch.cuda.synchronize()
@@ -150,8 +154,13 @@ def main():
     batch_size, seq = (int(v) for v in args.tokens.split("x"))
     torch.backends.cuda.matmul.allow_tf32 = True
     initial = build()
-    batch = torch.randint(0, initial.config.vocab_size, (batch_size, seq), device="cuda",
-                          generator=torch.Generator(device="cuda").manual_seed(1))
+    batch = torch.randint(
+        0,
+        initial.config.vocab_size,
+        (batch_size, seq),
+        device="cuda",
+        generator=torch.Generator(device="cuda").manual_seed(1),
+    )
 
     model = copy.deepcopy(initial)
     step = make_step(model, batch)
@@ -160,28 +169,34 @@ def main():
     off = median([timed(step)[0] for _ in range(20)])
     del model, step
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; GPT-2 124M, {batch_size} x {seq} tokens")
-    print(f"| arm | normal step | logging step (first) | logging step (median of the rest) | in normal steps |")
-    print(f"|---|---|---|---|---|")
+    print("| arm | normal step | logging step (first) | logging step (median of the rest) | in normal steps |")
+    print("|---|---|---|---|---|")
     print(f"| NerVE off | {off * 1e3:.1f} ms | - | - | - |")
     results = {}
     for solver in ("batched", "eigvalsh"):
         logging, normal, first, own = run_nerve(initial, batch, solver)
         rest = median(logging[1:])
         results[solver] = first
-        print(f"| nerve NerveLoop sync, {solver} (end_step: merge + solves {own * 1e3:.0f} ms) | {normal * 1e3:.1f} ms | "
-              f"{logging[0] * 1e3:.0f} ms | {rest * 1e3:.1f} ms | {rest / off:.2f} |")
+        print(
+            f"| nerve NerveLoop sync, {solver} (end_step: merge + solves {own * 1e3:.0f} ms) | {normal * 1e3:.1f} ms | "
+            f"{logging[0] * 1e3:.0f} ms | {rest * 1e3:.1f} ms | {rest / off:.2f} |"
+        )
     if args.original:
         logging, normal, metrics = run_original(initial, batch, args.original)
         rest = median(logging[1:]) if len(logging) > 1 else logging[0]
-        print(f"| original NerVE callback, do_sampling=False | {normal * 1e3:.1f} ms | {logging[0] * 1e3:.0f} ms | "
-              f"{rest * 1e3:.1f} ms | {rest / off:.2f} |")
+        print(
+            f"| original NerVE callback, do_sampling=False | {normal * 1e3:.1f} ms | {logging[0] * 1e3:.0f} ms | "
+            f"{rest * 1e3:.1f} ms | {rest / off:.2f} |"
+        )
         ours = {r.layer: r for r in results["batched"]}
         results["original"] = metrics
-        worst = max(abs(ours[l].pre.spectral_entropy - m["SE_pre"]) for l, m in metrics.items())
-        print(f"step 1, layer 0: original SE pre {metrics[0]['SE_pre']:.3f} post {metrics[0]['SE_post']:.3f} "
-              f"PR pre {metrics[0]['PR_pre']:.2f}; nerve batched SE pre {ours[0].pre.spectral_entropy:.3f} "
-              f"post {ours[0].post.spectral_entropy:.3f} PR pre {ours[0].pre.participation_ratio:.2f}; "
-              f"max |SE pre difference| over layers {worst:.4f} (the original prints 3 decimals)")
+        worst = max(abs(ours[layer].pre.spectral_entropy - m["SE_pre"]) for layer, m in metrics.items())
+        print(
+            f"step 1, layer 0: original SE pre {metrics[0]['SE_pre']:.3f} post {metrics[0]['SE_post']:.3f} "
+            f"PR pre {metrics[0]['PR_pre']:.2f}; nerve batched SE pre {ours[0].pre.spectral_entropy:.3f} "
+            f"post {ours[0].post.spectral_entropy:.3f} PR pre {ours[0].pre.participation_ratio:.2f}; "
+            f"max |SE pre difference| over layers {worst:.4f} (the original prints 3 decimals)"
+        )
     if args.profile:
         profile_nerve(initial, batch)
     a, b = results["batched"], results["eigvalsh"]

@@ -87,7 +87,9 @@ def main() -> None:
         apply_compile(m, Compile(enable=True))
         for _ in range(5):
             step_time(m, tokens)
-    off, on = alternate(lambda: step_time(plain, tokens), lambda: step_time(tapped, tokens), args.blocks, args.block_steps)
+    off, on = alternate(
+        lambda: step_time(plain, tokens), lambda: step_time(tapped, tokens), args.blocks, args.block_steps
+    )
     print(f"compiled : no taps {off:7.3f} ms, taps disarmed {on:7.3f} ms, ratio {on / off:.4f}")
 
 

@@ -90,11 +90,18 @@ def make(variant, model, args):
     if variant == "AdamW":
         return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
     if variant == "nerve Muon":
-        return Muon(split_params(model), lr=args.lr, weight_decay=0.1, bucket_mb=args.bucket_mb,
-                    adamw={"betas": (0.9, 0.95), "fused": fused})
+        return Muon(
+            split_params(model),
+            lr=args.lr,
+            weight_decay=0.1,
+            bucket_mb=args.bucket_mb,
+            adamw={"betas": (0.9, 0.95), "fused": fused},
+        )
     matrices, rest = (g["params"] for g in split_params(model))
-    return Pair(torch.optim.Muon(matrices, lr=args.lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
-                torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=fused))
+    return Pair(
+        torch.optim.Muon(matrices, lr=args.lr, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"),
+        torch.optim.AdamW(rest, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=fused),
+    )
 
 
 def exactness(args, device) -> str:
@@ -167,9 +174,11 @@ def main():
     if rank == 0:
         name = torch.cuda.get_device_name() if cuda else "cpu"
         n = sum(p.numel() for p in model.parameters())
-        print(f"\noptimizer step, {name} x {dist.get_world_size()} (FSDP2), {args.layers} blocks of dim {args.dim}, "
-              f"hidden {args.hidden}, vocab {args.vocab}: {n / 1e9:.2f}B parameters; "
-              f"{args.rounds} rounds x {args.steps} steps per variant")
+        print(
+            f"\noptimizer step, {name} x {dist.get_world_size()} (FSDP2), {args.layers} blocks of dim {args.dim}, "
+            f"hidden {args.hidden}, vocab {args.vocab}: {n / 1e9:.2f}B parameters; "
+            f"{args.rounds} rounds x {args.steps} steps per variant"
+        )
         if "nerve Muon" in optimizers:
             print(f"nerve Muon: {optimizers['nerve Muon'].describe()}")
         medians = {v: statistics.median(t) for v, t in times.items() if t and v not in failed}

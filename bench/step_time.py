@@ -23,14 +23,21 @@ import torch
 
 VARIANTS = {
     "off": ["--nerve.no-enable"],
-    "sync": ["--nerve.enable", "--nerve.solve", "sync"],
-    "overlap": ["--nerve.enable", "--nerve.solve", "overlap"],
-    "overlap_cap2": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.max_layers_per_step", "2"],
-    "spread": ["--nerve.enable", "--nerve.solve", "sync", "--nerve.eigen_solve", "spread"],
-    "spread_overlap": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.eigen_solve", "spread"],
-    "spread_overlap_cap2": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.eigen_solve", "spread",
-                            "--nerve.max_layers_per_step", "2"],
-    "overlap_cap1": ["--nerve.enable", "--nerve.solve", "overlap", "--nerve.max_layers_per_step", "1"],
+    "sync": ["--nerve.enable", "--nerve.solve_timing", "sync"],
+    "overlap": ["--nerve.enable", "--nerve.solve_timing", "overlap"],
+    "overlap_cap2": ["--nerve.enable", "--nerve.solve_timing", "overlap", "--nerve.max_layers_per_step", "2"],
+    "spread": ["--nerve.enable", "--nerve.solve_timing", "sync", "--nerve.solve_placement", "spread"],
+    "spread_overlap": ["--nerve.enable", "--nerve.solve_timing", "overlap", "--nerve.solve_placement", "spread"],
+    "spread_overlap_cap2": [
+        "--nerve.enable",
+        "--nerve.solve_timing",
+        "overlap",
+        "--nerve.solve_placement",
+        "spread",
+        "--nerve.max_layers_per_step",
+        "2",
+    ],
+    "overlap_cap1": ["--nerve.enable", "--nerve.solve_timing", "overlap", "--nerve.max_layers_per_step", "1"],
 }
 MODELS = {
     "debug": [],
@@ -127,7 +134,9 @@ def main() -> None:
     logging_steps = {s for s in range(1, args.steps + 1) if s == 1 or s % f == 0}
     # whole windows [k f, (k+1) f) after warm-up: each holds one logging step and the steps its solves overlap
     first_window = max(f, ((args.warmup + f - 1) // f) * f)
-    windows = [s for s in range(first_window, args.steps + 1) if s < first_window + f * ((args.steps + 1 - first_window) // f)]
+    windows = [
+        s for s in range(first_window, args.steps + 1) if s < first_window + f * ((args.steps + 1 - first_window) // f)
+    ]
 
     instrument_nerve()
     results: dict[tuple[str, str], list[tuple[list[float], int]]] = {}
@@ -141,27 +150,38 @@ def main() -> None:
                     results.setdefault((mode, variant), []).append(run(flags + extra, args.steps, dump))
                 host = RUN_HOST_TIMES[-1]
                 host_us[(mode, variant)] = 1e6 * statistics.median(
-                    t for s, t in enumerate(host, 1) if s > args.warmup and s not in logging_steps)
+                    t for s, t in enumerate(host, 1) if s > args.warmup and s not in logging_steps
+                )
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if rank:
         return
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    print(f"\nstep time, {world} x {device}, model {args.model}, {args.steps} steps, NerVE log_freq {f}, "
-          f"{args.repeats} run(s) per variant; ratios to NerVE off of the same mode; windows = steps {windows[0]}-{windows[-1]}")
+    print(
+        f"\nstep time, {world} x {device}, model {args.model}, {args.steps} steps, NerVE log_freq {f}, "
+        f"{args.repeats} run(s) per variant; ratios to NerVE off of the same mode; "
+        f"windows = steps {windows[0]}-{windows[-1]}"
+    )
     print(f"{'mode':<9} {'variant':<15} {'non-log ms':>10} {'log ms':>9} {'pending ms':>10} {'x non-log':>9} "
           f"{'log/normal':>10} {'window ovh':>10} {'@f=100':>8} {'peak GiB':>9} {'NerVE us/non-log':>16}")  # fmt: skip
     for mode in args.modes.split(","):
         off = results[(mode, "off")]
-        base = statistics.mean(statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s not in logging_steps) for times, _ in off)
+        base = statistics.mean(
+            statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s not in logging_steps)
+            for times, _ in off
+        )
         base_window = statistics.mean(sum(times[s - 1] for s in windows) for times, _ in off)
         for variant in variants:
             rows = results[(mode, variant)]
             normal, logging, pending, window = [], [], [], []
             for times, _ in rows:
-                normal.append(statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s not in logging_steps))
-                logging.append(statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s in logging_steps))
+                normal.append(
+                    statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s not in logging_steps)
+                )
+                logging.append(
+                    statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s in logging_steps)
+                )
                 # the steps right after a logging step, while an overlapped solve may be running
                 after = [times[s] for s in logging_steps if args.warmup < s < args.steps and s + 1 <= args.steps]
                 pending.append(statistics.median(after) if after else float("nan"))
@@ -174,7 +194,10 @@ def main() -> None:
                   f"{lg / base:10.2f} {100 * (w / base_window - 1):9.2f}% {100 * at_100:7.2f}% {peak:9.2f} "
                   f"{host_us[(mode, variant)]:8.1f} ({100 * host_us[(mode, variant)] * 1e-6 / base:.3f}%)")  # fmt: skip
         if len(off) > 1:
-            runs = [statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s not in logging_steps) for times, _ in off]
+            runs = [
+                statistics.median(t for s, t in enumerate(times, 1) if s > args.warmup and s not in logging_steps)
+                for times, _ in off
+            ]
             print(f"{mode:<9} noise: NerVE-off runs spread {100 * (max(runs) - min(runs)) / base:.1f}% of their mean")
 
 

@@ -9,6 +9,12 @@ from torchtitan.models.llama3 import TransformerModelArgs, llama3_args
 import nerve_plugin.torchtitan  # noqa: F401  (registers nerve's TrainSpecs)
 
 llama3_args["1B"] = TransformerModelArgs(
-    dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab_size=2048, ffn_dim_multiplier=1.5, multiple_of=256,
+    dim=2048,
+    n_layers=16,
+    n_heads=16,
+    n_kv_heads=8,
+    vocab_size=2048,
+    ffn_dim_multiplier=1.5,
+    multiple_of=256,
     rope_theta=500000,
 )

@@ -15,7 +15,8 @@ from .spectrum import (
     normalize_eigs,
     spectrum_metrics,
 )
-from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, TapResult
+from .records import METRICS, LayerRecord, Metric, TapResult
+from .monitor import MonitorConfig, NerveMonitor, ParallelGroups
 from .stats import CovarianceStats, reduce_stats
 from .taps import BUILTIN_SPECS, FFNTaps, TapPoint, TapSpec
 from .writers import JsonlWriter, TensorBoardWriter
@@ -27,6 +28,8 @@ __all__ = [
     "FFNTaps",
     "JsonlWriter",
     "LayerRecord",
+    "METRICS",
+    "Metric",
     "MonitorConfig",
     "NerveLoop",
     "NerveMonitor",

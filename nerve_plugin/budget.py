@@ -134,7 +134,7 @@ class OverheadBudget:
             return None
         points = sorted((k, statistics.median(v[1:] or v)) for k, v in by_count.items())
         if len(points) == 1:
-            (k, y), = points
+            ((k, y),) = points
             return 0.0, y / k
         n = len(points)
         mean_k = sum(k for k, _ in points) / n
@@ -162,8 +162,16 @@ class OverheadBudget:
             layers = upper if fixed <= allowance * (1 + _ROUNDING) else 0
         layers = max(1, min(upper, layers))
         overhead = fixed + per_layer * layers
-        return Choice(layers, total, overhead, step_s, overhead / (self.log_freq * step_s), self.max_overhead,
-                      self.log_freq, from_warm_up=all(o.warm_up for o in self._observations))
+        return Choice(
+            layers,
+            total,
+            overhead,
+            step_s,
+            overhead / (self.log_freq * step_s),
+            self.max_overhead,
+            self.log_freq,
+            from_warm_up=all(o.warm_up for o in self._observations),
+        )
 
     def update(self, total: int, step_s: float | None, cap: int = 0, announce: bool = True) -> int | None:
         """``choose``, logging one INFO line when the choice changes and a warning, once, when even one layer

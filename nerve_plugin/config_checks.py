@@ -4,6 +4,7 @@ key, the value and what is allowed, as ``[muon] momentum = 1.5 is not allowed: e
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable
 
 
@@ -42,4 +43,28 @@ class SectionChecks:
         """A list of values from ``choices``."""
         choices = tuple(choices)
         if not isinstance(value, list) or (not value and not allow_empty) or any(v not in choices for v in value):
-            self.fail(key, value, ("a list" if allow_empty else "a non-empty list") + f" of values from {list(choices)}")
+            self.fail(
+                key, value, ("a list" if allow_empty else "a non-empty list") + f" of values from {list(choices)}"
+            )
+
+
+def renamed_keys(
+    values: dict, renames: dict[str, str], section: str, error: type[ValueError], stacklevel: int = 2
+) -> dict:
+    """``values`` with keys that were renamed (``renames``: old -> new) under their new name, each old one
+    reported by a FutureWarning that names the new key (Python shows a given warning once per place it is
+    issued from, so a job sees it once, not at every config it builds). Both names at once is refused: which
+    value was meant cannot be known."""
+    out = dict(values)
+    for old, new in renames.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise error(f"[{section}] {old} and {new} are both set: {old} is the old name of {new}; keep {new} only")
+        warnings.warn(
+            f"[{section}] {old} is deprecated: it is now called {new} ({new} = {out[old]!r})",
+            FutureWarning,
+            stacklevel=stacklevel + 1,
+        )
+        out[new] = out.pop(old)
+    return out

@@ -128,5 +128,6 @@ def format_table(records: list[dict], step: int) -> str:
 
     return "\n".join([f"step {step} (pre -> post)", *format_layer_table(records)])
 
+
 if __name__ == "__main__":
     sys.exit(main())

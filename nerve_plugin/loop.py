@@ -22,11 +22,11 @@ from typing import Callable
 import torch.distributed as dist
 from torch import nn
 
-from .monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
+from .monitor import MonitorConfig, NerveMonitor, ParallelGroups
+from .records import LayerRecord, records_by_step
 from .shutdown import WriteOnStop, WritesOnce
 from .taps import TapPoint, TapSpec, find_blocks
 from .writers import JsonlWriter, TensorBoardWriter, open_jsonl, write_all
-
 
 
 def ffn_spec(blocks: str, up: str, down: str) -> TapSpec:
@@ -48,7 +48,7 @@ class NerveLoop:
     existing ``SummaryWriter``. ``on_error``: a writer failing later is reported once and dropped ("warn") or
     raises ("raise").
     Writers are made on the first write, so only the reporting rank (``groups.report_rank``) opens files.
-    With ``solve="overlap"`` the records already solved are written on SIGTERM/SIGINT and at exit
+    With ``solve_timing="overlap"`` the records already solved are written on SIGTERM/SIGINT and at exit
     (nerve_plugin.shutdown), then the signal goes on to what handled it before.
     Under data parallelism pass ``groups=ParallelGroups(token_group=torch.distributed.group.WORLD)`` and call
     every method on every rank.
@@ -74,8 +74,10 @@ class NerveLoop:
             # One model, all of it here (no pipeline stages): a layer it does not have would never be measured.
             known = {index for index, _ in find_blocks(model, spec)}
             if any(layer not in known for layer in config.layers):
-                raise ValueError(f"[nerve] layers = {config.layers} is not allowed: expected indices of the "
-                                 f"model's {len(known)} blocks (0..{len(known) - 1}), or None for all")
+                raise ValueError(
+                    f"[nerve] layers = {config.layers} is not allowed: expected indices of the "
+                    f"model's {len(known)} blocks (0..{len(known) - 1}), or None for all"
+                )
         groups = groups or ParallelGroups()
         reporting = not dist.is_initialized() or dist.get_rank() == groups.report_rank
         # Before any hook or step: an unwritable path, or another run writing it, stops here, not at step 1.
@@ -92,7 +94,7 @@ class NerveLoop:
         self._writers: list | None = None
         self._writes = WritesOnce(self._write_now)
         self._stop = None
-        if config.solve == "overlap" and reporting:
+        if config.solve_timing == "overlap" and reporting:
             self._stop = WriteOnStop(self.monitor.ready_records, self._writes.write_on_stop).install()
 
     @property

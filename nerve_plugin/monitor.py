@@ -8,12 +8,13 @@ pending (call it before a checkpoint and at the end); ``close()`` flushes and re
 Cost model. Steps that do not log run no NerVE code in the model: in eager mode the hooks exist only during
 logging steps; compiled blocks keep them (adding a hook would recompile) but compile a graph without captures
 for steps that do not log. A logging step adds the Gram products of its forwards and the merge; the
-float64 eigen-solves run either there (``solve="sync"``, on the statistics' device) or on a host thread while
-the next steps train (``solve="overlap"``), their records returned by the ``end_step`` of the next logging
-step (or by ``flush``). ``max_layers_per_step`` bounds the memory and work of one logging step by measuring a
-rotating subset of the layers; ``max_overhead`` lowers that subset further, to what keeps the logging steps'
-cost, amortized over ``log_freq`` steps, within a fraction of training time (``budget.OverheadBudget``: the
-monitor times every step with ``clock`` and the ranks agree on the timings at each logging step).
+float64 eigen-solves run either there (``solve_timing="sync"``, on the statistics' device) or on a host thread
+while the next steps train (``solve_timing="overlap"``), their records returned by the ``end_step`` of the next
+logging step (or by ``flush``). ``max_layers_per_step`` bounds the memory and work of one logging step by
+measuring a rotating subset of the layers; ``max_overhead`` lowers that subset further, to what keeps the
+logging steps' cost, amortized over ``log_freq`` steps, within a fraction of training time
+(``budget.OverheadBudget``: the monitor times every step with ``clock`` and the ranks agree on the timings at
+each logging step).
 
 Parallel layouts, given as process groups:
 - ``token_group``: ranks holding different tokens of the same layers (data parallel, context parallel). Their
@@ -26,46 +27,65 @@ Parallel layouts, given as process groups:
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .budget import OverheadBudget, StepTimes
-from .config_checks import SectionChecks
-from .solve import BackgroundSolver, Job, Key, Solved, default_solver_threads, solve_many, usable_cores, warn_if_not_ok
-from .spectrum import compute_js, normalize_eigs, spectrum_metrics_from_eigs
+from .config_checks import SectionChecks, renamed_keys
+from .solve import SOLVE_TIMINGS, Key, Solved, SolveScheduler, usable_cores, warn_if_not_ok
+
+# The record schema lives in records.py; re-exported here, where callers have always imported it from.
+from .records import FEW_TOKENS_RATIO, LayerRecord, TapResult, pair_js, records_by_step  # noqa: F401
 from .stats import default_accumulate_dtype, reduce_stats
 from .taps import TAPS, FFNTaps, TapSpec
 
 logger = logging.getLogger(__name__)
 
-EIGEN_SOLVE_PLACEMENTS = ("rank0", "spread")
-SOLVE_MODES = ("sync", "overlap")
+SOLVE_PLACEMENTS = ("rank0", "spread")
+# Keys renamed to say what they choose (old -> new): when the solves run, and on which ranks. The old names still
+# work, in MonitorConfig and the [nerve] TOML section (and its command line), with a warning naming the new one.
+RENAMED_KEYS = {"solve": "solve_timing", "eigen_solve": "solve_placement"}
+SOLVE_MODES = SOLVE_TIMINGS
 EIGENSOLVERS = ("auto", "batched", "eigvalsh")
 ON_ERROR = ("warn", "raise")  # what a failing writer does at run time: report once and stop writing, or raise
 REDUCE_BUCKET_BYTES = 512 << 20  # float64 M2 bytes merged per collective: bounds the merge's extra memory
-# A covariance of N tokens has rank < N: with N < D / FEW_TOKENS_RATIO most of its spectrum is the 1e-12 floor and
-# SE / PR / EEE describe the token sample more than the layer. Such records say so ("few_tokens": true).
-FEW_TOKENS_RATIO = 4
 
 
+def _accepts_renamed_keys(cls):
+    """``cls(old_name=...)`` for the keys of RENAMED_KEYS, as ``cls(new_name=...)`` with a FutureWarning at the
+    caller's line."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **renamed_keys(kwargs, RENAMED_KEYS, "nerve", ValueError, stacklevel=2))
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accepts_renamed_keys
 @dataclass
 class MonitorConfig:
     log_freq: int = 100
     taps: tuple[str, ...] = TAPS
     layers: list[int] | None = None  # None: every layer
     max_tokens_per_forward: int | None = None  # None: every token
-    eigen_solve: Literal["rank0", "spread"] = "rank0"
+    # Where the float64 eigen-solves run: "rank0" (the first rank of each pipeline stage) or "spread" (each
+    # covariance on its own rank). Formerly eigen_solve.
+    solve_placement: Literal["rank0", "spread"] = "rank0"
     seed: int = 0
     accumulate_dtype: torch.dtype | None = None
-    solve: Literal["sync", "overlap"] = "sync"
+    # When they run: "sync" (at the logging step) or "overlap" (on a host thread while training goes on).
+    # Formerly solve.
+    solve_timing: Literal["sync", "overlap"] = "sync"
     max_layers_per_step: int = 0  # 0: every tracked layer at every logging step
     model_layers: int | None = None  # blocks in the whole model (pipeline stages see only theirs)
     solver_threads: int = 0  # overlap on GPUs: host threads for the solves; 0: this rank's share of the cores
@@ -82,8 +102,12 @@ class MonitorConfig:
         # the same values the same way.
         check = SectionChecks("nerve", ValueError)
         check.integer("log_freq", self.log_freq, "an integer >= 1", lambda v: v >= 1)
-        if not isinstance(self.taps, (tuple, list)) or not self.taps or any(t not in TAPS for t in self.taps) \
-                or len(set(self.taps)) != len(self.taps):
+        if (
+            not isinstance(self.taps, (tuple, list))
+            or not self.taps
+            or any(t not in TAPS for t in self.taps)
+            or len(set(self.taps)) != len(self.taps)
+        ):
             check.fail("taps", self.taps, f"distinct values from {list(TAPS)}")
         if self.layers is not None and (
             not isinstance(self.layers, (list, tuple))
@@ -91,102 +115,39 @@ class MonitorConfig:
         ):
             check.fail("layers", self.layers, "a list of layer indices >= 0 (None for all layers)")
         if self.max_tokens_per_forward is not None:
-            check.integer("max_tokens_per_forward", self.max_tokens_per_forward, "None (all tokens) or an integer >= 2",
-                          lambda v: v >= 2)
-        check.choice("eigen_solve", self.eigen_solve, EIGEN_SOLVE_PLACEMENTS)
+            check.integer(
+                "max_tokens_per_forward",
+                self.max_tokens_per_forward,
+                "None (all tokens) or an integer >= 2",
+                lambda v: v >= 2,
+            )
+        check.choice("solve_placement", self.solve_placement, SOLVE_PLACEMENTS)
         check.integer("seed", self.seed, "an integer")
-        check.choice("solve", self.solve, SOLVE_MODES)
-        check.integer("max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1",
-                      lambda v: v >= 0)
+        check.choice("solve_timing", self.solve_timing, SOLVE_TIMINGS)
+        check.integer(
+            "max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0
+        )
         if self.model_layers is not None:
             check.integer("model_layers", self.model_layers, "None or an integer >= 1", lambda v: v >= 1)
         cores = usable_cores()
-        check.integer("solver_threads", self.solver_threads,
-                      f"0 (automatic) or an integer from 1 to {cores} (this host's cores)", lambda v: 0 <= v <= cores)
+        check.integer(
+            "solver_threads",
+            self.solver_threads,
+            f"0 (automatic) or an integer from 1 to {cores} (this host's cores)",
+            lambda v: 0 <= v <= cores,
+        )
         check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
-        check.number("max_overhead", self.max_overhead, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
-                     lambda v: 0 <= v < 1)
+        check.number(
+            "max_overhead",
+            self.max_overhead,
+            "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
+            lambda v: 0 <= v < 1,
+        )
         check.choice("on_error", self.on_error, ON_ERROR)
 
     def is_log_step(self, step: int) -> bool:
         # The same rule as torchtitan's own metrics: step 1, then every log_freq steps.
         return step == 1 or step % self.log_freq == 0
-
-
-@dataclass
-class TapResult:
-    tokens: int
-    spectral_entropy: float
-    participation_ratio: float
-    eee: float
-    eigenvalues: np.ndarray  # float64, descending, clamped at 1e-12; empty when status says why not
-    dim: int = 0
-    status: str = "ok"
-
-    def __post_init__(self):
-        self.dim = self.dim or int(self.eigenvalues.shape[0])
-
-    @property
-    def few_tokens(self) -> bool:
-        """Fewer tokens than D / FEW_TOKENS_RATIO: the metrics are numbers, but of a covariance of low rank."""
-        return self.tokens * FEW_TOKENS_RATIO < self.dim
-
-    def to_json(self, spectrum_points: int = 64) -> dict:
-        # The one definition of a tap's JSONL fields (README, "Outputs", lists them).
-        out = {
-            "tokens": self.tokens,
-            "spectral_entropy": _finite_or_none(self.spectral_entropy),
-            "participation_ratio": _finite_or_none(self.participation_ratio),
-            "eee": _finite_or_none(self.eee),
-            "dim": self.dim,
-            "few_tokens": self.few_tokens,
-            "spectrum": _log_spaced_spectrum(self.eigenvalues, spectrum_points),
-        }
-        if self.status != "ok":
-            out["status"] = self.status
-        return out
-
-
-@dataclass
-class LayerRecord:
-    step: int
-    layer: int
-    pre: TapResult | None = None
-    post: TapResult | None = None
-    js: float | None = None  # JS(p_pre || p_post), when both taps are measured (NaN when one failed)
-
-    def to_json(self) -> dict:
-        out: dict = {"step": self.step, "layer": self.layer}
-        for tap in TAPS:
-            result = getattr(self, tap)
-            if result is not None:
-                out[tap] = result.to_json()
-        if self.js is not None:
-            out["js"] = _finite_or_none(self.js)
-        return out
-
-
-def _finite_or_none(value: float) -> float | None:
-    # JSON has no NaN; null marks a metric that could not be computed (the record's status says why).
-    return value if math.isfinite(value) else None
-
-
-def records_by_step(records: list[LayerRecord]) -> dict[int, list[LayerRecord]]:
-    """{step: its records}, steps ascending. Records carry their own step: overlapped solves return those of an
-    earlier step, which must be written (and plotted) there."""
-    by_step: dict[int, list[LayerRecord]] = {}
-    for record in sorted(records, key=lambda r: r.step):
-        by_step.setdefault(record.step, []).append(record)
-    return by_step
-
-
-def _log_spaced_spectrum(eigs: np.ndarray, points: int) -> dict:
-    """Eigenvalues at log-spaced ranks: enough to redraw the spectrum on a log-log plot, small enough for JSONL."""
-    d = eigs.shape[0]
-    if d == 0:
-        return {"rank": [], "eigenvalue": []}
-    ranks = sorted({int(round(r)) for r in np.geomspace(1, d, num=min(points, d))})
-    return {"rank": ranks, "eigenvalue": [float(eigs[r - 1]) for r in ranks]}
 
 
 @dataclass
@@ -228,10 +189,9 @@ class NerveMonitor:
         self._selected: set[int] = set()  # the armed step's layers
         self._attached = False
         self._hooks_on_demand: bool | None = None  # decided at the first step: eager models hook per logging step
-        self._pending: list[Job] = []
-        self._solver: BackgroundSolver | None = None
-        self._copy_stream = None
-        self._device: torch.device | None = None  # where overdue solves run: the statistics' GPU
+        self._solves = SolveScheduler(
+            self.config.solve_timing, self.config.solver_threads, batched=self._batched_solver
+        )
         self._batched = None  # eigen.BatchedEigensolver, made at the first sync logging step on a GPU
         # The checked memory budget (bytes) of a logging step's buffers, when the caller has one (torchtitan's
         # memory_budget_gb): the batched solver's larger one-off chunks stay within it.
@@ -244,7 +204,6 @@ class NerveMonitor:
         self._timed_logging_step = False  # this process has timed a logging step (the first one is warm-up)
         self._told_untimeable = False
         self._told_few_tokens = False  # the few-tokens warning is given once per monitor
-        self._too_few: dict[int, dict[Key, Solved]] = {}  # overlapped steps' states with < 2 tokens, by step
         # The rotation: at logging index i a window of W = _window_size() layers starts at tracked position
         # (_rotation_start + (i - _rotation_index) * W) % L. With a constant window that is a function of
         # the step alone (resumes and pipeline stages agree); when the budget changes the window, the anchor
@@ -276,26 +235,25 @@ class NerveMonitor:
     def flush(self) -> list[LayerRecord]:
         """Wait for every pending solve and return its records (on ``report_rank``; [] elsewhere). Every rank
         must call it at the same step."""
-        return self._collect(before=None)
+        return self._records(self._solves.due(before=None))
 
     def ready_records(self, wait_s: float = 0.0) -> list[LayerRecord]:
         """The records of overlapped solves already finished on this rank, for a process that is being stopped
         (a signal, an exit): no collective and no solve taken over, so it works on one rank alone and its time
         is bounded, at most ``wait_s`` for solves still running. Layers with every measured tap solved only;
-        pending steps stay pending (``flush`` would still return them). Under ``eigen_solve = "spread"`` or
+        pending steps stay pending (``flush`` would still return them). Under ``solve_placement = "spread"`` or
         pipeline stages a rank holds only its share of a step: that share."""
-        deadline = time.monotonic() + wait_s
         records = []
-        for job in list(self._pending):
-            job.done.wait(timeout=max(0.0, deadline - time.monotonic()))
-            # A copy: the solver thread may still be adding to it. States of < 2 tokens were never queued.
-            results = {**dict(job.results), **self._too_few.get(job.step, {})}
+        for step, results in self._solves.ready(wait_s):
             solved_taps: dict[int, set[str]] = {}
             for layer, tap in results:
                 solved_taps.setdefault(layer, set()).add(tap)
-            complete = {(layer, tap): solved for (layer, tap), solved in results.items()
-                        if set(self.config.taps) <= solved_taps[layer]}
-            records.extend(self._layer_records(job.step, complete))
+            complete = {
+                (layer, tap): solved
+                for (layer, tap), solved in results.items()
+                if set(self.config.taps) <= solved_taps[layer]
+            }
+            records.extend(self._layer_records(step, complete))
         return records
 
     def close(self) -> list[LayerRecord]:
@@ -307,9 +265,7 @@ class NerveMonitor:
             for t in self.taps:
                 t.remove()
                 t.release()
-            if self._solver is not None:
-                self._solver.close()
-                self._solver = None
+            self._solves.close()
             if self._batched is not None:
                 self._batched.release()
                 self._batched = None
@@ -378,9 +334,8 @@ class NerveMonitor:
 
     def end_step(self, step: int) -> list[LayerRecord] | None:
         """Call after the step's last backward on every rank. Returns the records that became ready at this step
-        on ``report_rank`` ([] on other ranks): this step's own with ``solve="sync"``, earlier logging steps'
-        with ``solve="overlap"``; None when nothing was due."""
-        records = None
+        on ``report_rank`` ([] on other ranks): this step's own with ``solve_timing="sync"``, earlier logging steps'
+        with ``solve_timing="overlap"``; None when nothing was due."""
         if self._armed_step == step:
             self.pause()
             self._armed_step = None
@@ -390,16 +345,11 @@ class NerveMonitor:
                 t.release()
                 if self._hooks_on_demand:
                     t.remove()
-            owned, too_few = _split_too_few(owned)
-            if self.config.solve == "sync":
-                records = self._gather(step, {**solve_many(owned, self._batched_solver()), **too_few})
-            else:
-                self._too_few[step] = too_few
-                self._pending.append(self._submit(step, owned))
+            self._solves.submit(step, owned)  # sync: solved here, so their time counts in last_duration_s
             self.last_duration_s = self._clock() - start
-        if self._pending and self.config.is_log_step(step):
-            collected = self._collect(before=step)
-            records = collected if records is None else records + collected
+        records = None
+        if self._solves.pending and self.config.is_log_step(step):
+            records = self._records(self._solves.due(before=step))
         self._time_step(step)
         return records
 
@@ -442,8 +392,12 @@ class NerveMonitor:
         tracked = self._tracked_layers()
         measured = len(self.selected_layers(step))
         self._budget.observe(measured, overhead, warm_up=warm_up)
-        size = self._budget.update(len(tracked), normal if normal >= 0 else None,
-                                   cap=self.config.max_layers_per_step, announce=self._announces())
+        size = self._budget.update(
+            len(tracked),
+            normal if normal >= 0 else None,
+            cap=self.config.max_layers_per_step,
+            announce=self._announces(),
+        )
         if size is None or size == self._window_size(len(tracked)):
             return
         if tracked:
@@ -479,7 +433,7 @@ class NerveMonitor:
         # tensor-parallel group hold identical full statistics, so each state needs only one of them.
         participating, owners = [], []
         for i, (key, stats) in enumerate(keyed):
-            if self.config.eigen_solve == "rank0":
+            if self.config.solve_placement == "rank0":
                 tp_owner, dp_owner = 0, 0
             else:
                 linear = i % (tp * dp)
@@ -498,7 +452,7 @@ class NerveMonitor:
         owned = []
         for i in mine:
             key, stats = participating[i]
-            owned.append((key, stats.count, stats.m2))  # states of < 2 tokens are split off by _split_too_few
+            owned.append((key, stats.count, stats.m2))  # states of < 2 tokens: see solve.split_too_few
         return owned
 
     # -- solves -----------------------------------------------------------------------------------------------
@@ -518,47 +472,9 @@ class NerveMonitor:
             self._batched = BatchedEigensolver(eager_workspace_bytes=eager)
         return self._batched
 
-    def _submit(self, step: int, owned) -> Job:
-        """Queue the step's merged states for the host solver; device states are copied to pinned host memory
-        on a side stream, so the training stream never waits for the copy."""
-        states, ready = [], None
-        cuda = [m2 for _, _, m2 in owned if m2.is_cuda]
-        if cuda:
-            self._device = cuda[0].device
-            if self._copy_stream is None:
-                self._copy_stream = torch.cuda.Stream(device=cuda[0].device)
-            self._copy_stream.wait_stream(torch.cuda.current_stream(cuda[0].device))
-        for key, count, m2 in owned:
-            if m2.is_cuda:
-                with torch.cuda.stream(self._copy_stream):
-                    host = torch.empty(m2.shape, dtype=m2.dtype, pin_memory=True)
-                    host.copy_(m2, non_blocking=True)
-                # The caching allocator may hand m2's memory to training once we drop it: not before the copy.
-                m2.record_stream(self._copy_stream)
-                m2 = host
-            states.append((key, count, m2))
-        if cuda:
-            ready = torch.cuda.Event()
-            ready.record(self._copy_stream)
-        if self._solver is None:
-            threads = self.config.solver_threads or (default_solver_threads() if cuda else None)
-            self._solver = BackgroundSolver(threads)
-        return self._solver.submit(Job(step, states, ready))
-
-    def _collect(self, before: int | None) -> list[LayerRecord]:
-        """Records of the pending steps < ``before`` (all with None), waiting for their solves."""
-        due = [job for job in self._pending if before is None or job.step < before]
-        self._pending = [job for job in self._pending if job not in due]
-        records = []
-        for job in due:
-            results = {**job.finish(self._device), **self._too_few.pop(job.step, {})}
-            if job.taken_by_caller:
-                logger.info(
-                    f"nerve step {job.step}: {job.taken_by_caller} of {len(results)} solves were still queued "
-                    f"when due and ran at step {before or 'flush'} (more log_freq or max_layers_per_step avoids that)"
-                )
-            records.extend(self._gather(job.step, results))
-        return records
+    def _records(self, due: list[tuple[int, dict[Key, Solved]]]) -> list[LayerRecord]:
+        """The records of the solved steps (on ``report_rank``; [] elsewhere), in step order."""
+        return [record for step, results in due for record in self._gather(step, results)]
 
     def _gather(self, step: int, results: dict[Key, Solved]) -> list[LayerRecord]:
         for key, solved in results.items():
@@ -584,12 +500,16 @@ class NerveMonitor:
             record = by_layer.setdefault(layer, LayerRecord(step=step, layer=layer))
             setattr(record, tap, tap_result(solved))
         for record in by_layer.values():
-            record.js = pair_js(record.pre, record.post)
+            record.measure_pair()
         return [by_layer[layer] for layer in sorted(by_layer)]
 
     def _warn_if_few_tokens(self, step: int, records: list[LayerRecord]) -> None:
-        few = [(r.layer, tap, result) for r in records for tap in TAPS
-               if (result := getattr(r, tap)) is not None and len(result.eigenvalues) and result.few_tokens]
+        few = [
+            (r.layer, tap, result)
+            for r in records
+            for tap in TAPS
+            if (result := getattr(r, tap)) is not None and len(result.eigenvalues) and result.few_tokens
+        ]
         if not few or self._told_few_tokens:
             return
         self._told_few_tokens = True
@@ -597,7 +517,7 @@ class NerveMonitor:
         logger.warning(
             f"nerve step {step}: {len(few)} covariance(s) hold fewer tokens than D / {FEW_TOKENS_RATIO} (e.g. layer "
             f"{layer} {tap}: {result.tokens} tokens for D = {result.dim}): their SE, PR and EEE describe the token "
-            f"sample more than the layer; their records say \"few_tokens\": true. More tokens per logging step: "
+            f'sample more than the layer; their records say "few_tokens": true. More tokens per logging step: '
             f"raise [nerve] tokens_per_rank (0: every token) or the batch (said once)"
         )
 
@@ -644,38 +564,9 @@ class NerveMonitor:
         return fits
 
 
-def pair_js(pre: TapResult | None, post: TapResult | None) -> float | None:
-    """JS(p_pre || p_post): None without both taps or when their dimensions differ, NaN when one has no
-    spectrum (its statistics were non-finite or every solve failed)."""
-    if pre is None or post is None or pre.dim != post.dim:
-        return None
-    if not len(pre.eigenvalues) or not len(post.eigenvalues):
-        return math.nan
-    return compute_js(normalize_eigs(torch.from_numpy(pre.eigenvalues)), normalize_eigs(torch.from_numpy(post.eigenvalues)))
-
-
 def tap_result(solved: Solved) -> TapResult:
     """The metrics of one solved spectrum; NaN metrics, and the reason in ``status``, when there is none."""
-    if solved.eigenvalues is None:
-        nan = math.nan
-        return TapResult(solved.count, nan, nan, nan, np.zeros(0), dim=solved.dim, status=solved.status)
-    metrics = spectrum_metrics_from_eigs(torch.from_numpy(solved.eigenvalues))
-    return TapResult(
-        solved.count, metrics.spectral_entropy, metrics.participation_ratio, metrics.eee, solved.eigenvalues,
-        status=solved.status,
-    )
-
-
-def _split_too_few(owned) -> tuple[list, dict[Key, Solved]]:
-    """The states that can be solved, and a result for each one of fewer than 2 tokens, which has no covariance
-    (N - 1 = 0 divides it): null metrics and a status saying why, instead of numbers."""
-    solvable, too_few = [], {}
-    for key, count, m2 in owned:
-        if count >= 2:
-            solvable.append((key, count, m2))
-        else:
-            too_few[key] = Solved(count, None, f"too few tokens: {count} (a covariance needs at least 2)", int(m2.shape[0]))
-    return solvable, too_few
+    return TapResult.measured(tokens=solved.count, eigenvalues=solved.eigenvalues, dim=solved.dim, status=solved.status)
 
 
 def _buckets(sizes: list[int], limit: int) -> list[tuple[int, int]]:

@@ -1,7 +1,7 @@
 """Records already solved in memory are written when the process is stopped: SIGTERM (how schedulers stop jobs),
 SIGINT, and interpreter exit.
 
-With ``solve = "overlap"`` a logging step's records wait, solved on the host, for the next logging step, a
+With ``solve_timing = "overlap"`` a logging step's records wait, solved on the host, for the next logging step, a
 checkpoint or the end. A stop before then would lose them. ``WriteOnStop`` installs handlers that write what is
 ready (``NerveMonitor.ready_records``: no collective, the other ranks may be gone already) and then hand the
 signal on: to the handler that was there before (chained), or to the default action, re-raised, so the job still
@@ -20,7 +20,7 @@ import signal
 import threading
 from typing import Callable
 
-from .monitor import LayerRecord
+from .records import LayerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ class WritesOnce:
             return
         self.write(records)
         self._written.update((r.step, r.layer) for r in records)
-        logger.warning(f"nerve: {why}: wrote the {len(records)} records already solved "
-                       f"(steps {sorted({r.step for r in records})})")
+        logger.warning(
+            f"nerve: {why}: wrote the {len(records)} records already solved (steps {sorted({r.step for r in records})})"
+        )
 
 
 class WriteOnStop:

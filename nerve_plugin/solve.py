@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,7 +89,9 @@ def solve_many(states: list[tuple[Key, int, torch.Tensor]], batched=None) -> dic
             eigenvalues, fell_back = batched.eigvalsh([m2 for _, _, m2 in group], [1.0 / (c - 1) for _, c, _ in group])
             eigenvalues = eigenvalues.cpu().numpy()
         except Exception as error:  # e.g. out of memory for the batch's workspace: one by one instead
-            logger.warning(f"nerve: batched eigen-solve of {len(group)} {dim} x {dim} states failed ({error}); solving one by one")
+            logger.warning(
+                f"nerve: batched eigen-solve of {len(group)} {dim} x {dim} states failed ({error}); solving one by one"
+            )
             for key, count, m2 in group:
                 solved = solve(m2, count)
                 if solved.status == "ok":
@@ -168,8 +171,9 @@ class Job:
                 self.results[key] = solve(m2.to(device) if device is not None else m2, count)
                 self.taken_by_caller += 1
             else:
-                self.results[key] = Solved(count, None, f"failed: the solver thread did not answer in {timeout_s:.0f} s",
-                                           int(m2.shape[0]))
+                self.results[key] = Solved(
+                    count, None, f"failed: the solver thread did not answer in {timeout_s:.0f} s", int(m2.shape[0])
+                )
         return self.results
 
 
@@ -196,7 +200,9 @@ class BackgroundSolver:
             try:
                 torch.set_num_threads(self.threads)
             except Exception as error:  # solve with what torch has rather than not at all
-                logger.warning(f"nerve: solver_threads = {self.threads} could not be set ({error}); using torch's default")
+                logger.warning(
+                    f"nerve: solver_threads = {self.threads} could not be set ({error}); using torch's default"
+                )
         while (job := self._queue.get()) is not None:
             try:
                 if job.ready is not None:
@@ -226,3 +232,117 @@ def default_solver_threads() -> int:
     cores = usable_cores()
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return max(1, cores // max(1, local_ranks) - 1)
+
+
+def split_too_few(states: list[tuple[Key, int, torch.Tensor]]) -> tuple[list, dict[Key, Solved]]:
+    """The states that can be solved, and a result for each one of fewer than 2 tokens, which has no covariance
+    (N - 1 = 0 divides it): null metrics and a status saying why, instead of numbers."""
+    solvable, too_few = [], {}
+    for key, count, m2 in states:
+        if count >= 2:
+            solvable.append((key, count, m2))
+        else:
+            too_few[key] = Solved(
+                count, None, f"too few tokens: {count} (a covariance needs at least 2)", int(m2.shape[0])
+            )
+    return solvable, too_few
+
+
+SOLVE_TIMINGS = ("sync", "overlap")
+
+
+class SolveScheduler:
+    """When a logging step's merged states are solved, behind one interface: ``submit`` a step's states, take
+    the results ``due`` at a later step, ``ready`` for a process being stopped, ``close``.
+
+    "sync": solved at ``submit``, on the device the states live on (same-size GPU states together by the
+    batched solver), due at once. "overlap": device states are copied to pinned host memory on a side stream (the
+    training stream never waits for the copy) and solved by a host thread while training goes on; a step's
+    results are due at the next logging step, or at ``due(None)`` (a flush), and what the thread has not started
+    by then is solved on the statistics' GPU by the caller (``Job.finish``)."""
+
+    def __init__(self, timing: str, threads: int | None = None, batched=None):
+        """``threads``: the host solver thread's torch threads (None: the cores left, see
+        ``default_solver_threads``, when the statistics are on a GPU). ``batched``: a callable returning the
+        batched GPU solver (or None) for sync solves, made on first use."""
+        if timing not in SOLVE_TIMINGS:
+            raise ValueError(f"solve timing must be one of {SOLVE_TIMINGS}, got {timing!r}")
+        self.timing = timing
+        self._threads = threads
+        self._batched = batched or (lambda: None)
+        self._done: list[tuple[int, dict[Key, Solved]]] = []  # sync results not yet taken
+        self._jobs: list[tuple[Job, dict[Key, Solved]]] = []  # overlapped jobs and their < 2-token results
+        self._thread: BackgroundSolver | None = None
+        self._copy_stream = None
+        self._device: torch.device | None = None  # where overdue solves run: the statistics' GPU
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._done or self._jobs)
+
+    def submit(self, step: int, states: list[tuple[Key, int, torch.Tensor]]) -> None:
+        states, too_few = split_too_few(states)
+        if self.timing == "sync":
+            self._done.append((step, {**solve_many(states, self._batched()), **too_few}))
+        else:
+            self._jobs.append((self._thread_for(states).submit(self._host_job(step, states)), too_few))
+
+    def due(self, before: int | None) -> list[tuple[int, dict[Key, Solved]]]:
+        """(step, results) of every sync step, and of the overlapped steps < ``before`` (all with None), waiting
+        for their solves; in step order."""
+        out, self._done = self._done, []
+        due = [(job, too_few) for job, too_few in self._jobs if before is None or job.step < before]
+        self._jobs = [item for item in self._jobs if item not in due]
+        for job, too_few in due:
+            results = {**job.finish(self._device), **too_few}
+            if job.taken_by_caller:
+                logger.info(
+                    f"nerve step {job.step}: {job.taken_by_caller} of {len(results)} solves were still queued "
+                    f"when due and ran at step {before or 'flush'} (more log_freq or max_layers_per_step avoids that)"
+                )
+            out.append((job.step, results))
+        return sorted(out, key=lambda item: item[0])
+
+    def ready(self, wait_s: float = 0.0) -> list[tuple[int, dict[Key, Solved]]]:
+        """(step, results so far) of the overlapped steps, without taking any over or waiting more than
+        ``wait_s`` in all for solves still running: for a process being stopped. The steps stay pending."""
+        deadline = time.monotonic() + wait_s
+        out = []
+        for job, too_few in list(self._jobs):
+            job.done.wait(timeout=max(0.0, deadline - time.monotonic()))
+            out.append((job.step, {**dict(job.results), **too_few}))  # a copy: the thread may still add to it
+        return out
+
+    def close(self) -> None:
+        """Stop the host thread (after its queued jobs). Results not taken are dropped: ``due(None)`` first."""
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
+
+    def _thread_for(self, states) -> BackgroundSolver:
+        if self._thread is None:
+            on_gpu = any(m2.is_cuda for _, _, m2 in states)
+            self._thread = BackgroundSolver(self._threads or (default_solver_threads() if on_gpu else None))
+        return self._thread
+
+    def _host_job(self, step: int, states) -> Job:
+        host_states, ready = [], None
+        cuda = [m2 for _, _, m2 in states if m2.is_cuda]
+        if cuda:
+            self._device = cuda[0].device
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(device=cuda[0].device)
+            self._copy_stream.wait_stream(torch.cuda.current_stream(cuda[0].device))
+        for key, count, m2 in states:
+            if m2.is_cuda:
+                with torch.cuda.stream(self._copy_stream):
+                    host = torch.empty(m2.shape, dtype=m2.dtype, pin_memory=True)
+                    host.copy_(m2, non_blocking=True)
+                # The caching allocator may hand m2's memory to training once we drop it: not before the copy.
+                m2.record_stream(self._copy_stream)
+                m2 = host
+            host_states.append((key, count, m2))
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return Job(step, host_states, ready)

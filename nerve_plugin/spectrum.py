@@ -9,6 +9,9 @@ Names and meanings follow the original NerVE README, so code written against it 
     EEE = compute_eee(p)                      in [0, 1]
     JS  = compute_js(p_pre, p_post)           in [0, ln 2]
 
+A training run's records carry the metrics registered in ``records.METRICS`` (these four, computed by the
+functions here); ``SpectrumMetrics`` is the original NerVE's per-covariance triple.
+
 Everything is computed in float64: the spectra of FFN activations span many decades and float32 eigen-solves
 lose the small eigenvalues that SE and EEE are sensitive to.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+# The floor of every eigenvalue (solvers clamp at it, readers treat values at it as zeros), defined once here.
 EIG_FLOOR = 1e-12
 
 
@@ -102,10 +106,6 @@ class SpectrumMetrics:
     participation_ratio: float
     eee: float
     eigenvalues: torch.Tensor  # float64, descending, clamped
-
-    @property
-    def normalized(self) -> torch.Tensor:
-        return normalize_eigs(self.eigenvalues)
 
 
 def spectrum_metrics_from_eigs(eigs: torch.Tensor) -> SpectrumMetrics:

@@ -77,9 +77,7 @@ _TORCHTITAN_DENSE = TapSpec(
     post=TapPoint("feed_forward.w2", "input"),
 )
 # nerve_llama (nerve_plugin.variants) keeps these module names for gated and non-gated FFNs alike.
-BUILTIN_SPECS: dict[str, TapSpec] = {
-    name: _TORCHTITAN_DENSE for name in ("llama3", "llama4", "qwen3", "nerve_llama")
-}
+BUILTIN_SPECS: dict[str, TapSpec] = {name: _TORCHTITAN_DENSE for name in ("llama3", "llama4", "qwen3", "nerve_llama")}
 
 
 def tap_points(

@@ -15,11 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .monitor import LayerRecord
+from .records import METRICS, LayerRecord, Metric
+from .spectrum import EIG_FLOOR
 from .taps import TAPS
-
-METRICS = ("spectral_entropy", "participation_ratio", "eee")
-METRIC_TITLES = {"spectral_entropy": "Spectral entropy", "participation_ratio": "Participation ratio", "eee": "EEE"}
 
 logger = logging.getLogger(__name__)
 
@@ -34,31 +32,53 @@ def record_scalars(record: LayerRecord) -> dict[str, float]:
     for tap in TAPS:
         result = getattr(record, tap)
         if result is not None:
-            for metric in METRICS:
-                out[scalar_tag(metric, tap, record.layer)] = getattr(result, metric)
-    if record.js is not None:
-        out[scalar_tag("js", None, record.layer)] = record.js
+            for metric in METRICS.per_tap:
+                out[scalar_tag(metric.name, tap, record.layer)] = getattr(result, metric.name)
+    for metric in METRICS.per_layer:
+        value = getattr(record, metric.name)
+        if value is not None:
+            out[scalar_tag(metric.name, None, record.layer)] = value
     return out
 
 
+TAP_COLUMN, LAYER_COLUMN = 20, 7  # widths of the table's "pre -> post" and per-layer columns
+
+
+def _label(metric: Metric, width: int, lower: bool = False) -> str:
+    # The title where it fits the column ("Spectral entropy"), else the short label ("EEE", "JS").
+    if len(metric.title) > width:
+        return metric.short
+    return metric.title.lower() if lower else metric.title
+
+
 def format_layer_table(records: list[dict]) -> list[str]:
-    """Header, rule and one row per layer: SE, PR and EEE as pre -> post, then JS, from JSON-shaped records
-    (``LayerRecord.to_json``, the analyzer's ``to_dict``). A tap, metric or JS that is missing or null (a
-    failed layer) prints as "-"."""
+    """Header, rule and one row per layer: the per-tap metrics (SE, PR, EEE) as pre -> post, then the per-layer
+    ones (JS), from JSON-shaped records (``LayerRecord.to_json``, the analyzer's ``to_dict``). A tap, metric or
+    JS that is missing or null (a failed layer) prints as "-"."""
 
-    def value(tap: dict | None, metric: str, fmt: str) -> str:
-        return "-" if not tap or tap.get(metric) is None else format(tap[metric], fmt)
+    def value(tap: dict | None, metric: Metric) -> str:
+        return "-" if not tap or tap.get(metric.name) is None else format(tap[metric.name], metric.fmt)
 
-    def pair(record: dict, metric: str, fmt: str) -> str:
-        return f"{value(record.get('pre'), metric, fmt):>8} -> {value(record.get('post'), metric, fmt):<8}"
+    def pair(record: dict, metric: Metric) -> str:
+        return f"{value(record.get('pre'), metric):>8} -> {value(record.get('post'), metric):<8}"
 
-    header = f"{'layer':>5}  {'spectral entropy':^20}  {'participation ratio':^20}  {'EEE':^20}  {'JS':>7}"
+    def single(record: dict, metric: Metric) -> str:
+        got = record.get(metric.name)
+        return f"{'-' if got is None else format(got, metric.fmt):>{LAYER_COLUMN}}"
+
+    header = "  ".join(
+        [
+            f"{'layer':>5}",
+            *(f"{_label(m, TAP_COLUMN, True):^{TAP_COLUMN}}" for m in METRICS.per_tap),
+            *(f"{_label(m, LAYER_COLUMN, True):>{LAYER_COLUMN}}" for m in METRICS.per_layer),
+        ]
+    )
     lines = [header, "-" * len(header)]
     for r in sorted(records, key=lambda r: r["layer"]):
-        js = f"{r['js']:7.4f}" if r.get("js") is not None else f"{'-':>7}"
         lines.append(
-            f"{r['layer']:>5}  {pair(r, 'spectral_entropy', '.3f')}  {pair(r, 'participation_ratio', '.1f')}  "
-            f"{pair(r, 'eee', '.3f')}  {js}"
+            "  ".join(
+                [f"{r['layer']:>5}", *(pair(r, m) for m in METRICS.per_tap), *(single(r, m) for m in METRICS.per_layer)]
+            )
         )
     return lines
 
@@ -66,11 +86,12 @@ def format_layer_table(records: list[dict]) -> list[str]:
 def custom_scalars_layout(taps: Sequence[str] = TAPS) -> dict:
     """One chart per metric and tap holding every layer, so depth trends read at a glance."""
     charts = {}
-    for metric in METRICS:
+    for metric in METRICS.per_tap:
         for tap in taps:
-            charts[f"{METRIC_TITLES[metric]} ({tap})"] = ["Multiline", [rf"nerve/{metric}_{tap}/layer_.*"]]
+            charts[f"{_label(metric, TAP_COLUMN)} ({tap})"] = ["Multiline", [rf"nerve/{metric.name}_{tap}/layer_.*"]]
     if set(TAPS) <= set(taps):
-        charts["Jensen-Shannon divergence (pre vs post)"] = ["Multiline", [r"nerve/js/layer_.*"]]
+        for metric in METRICS.per_layer:
+            charts[f"{metric.title} (pre vs post)"] = ["Multiline", [rf"nerve/{metric.name}/layer_.*"]]
     return {"NerVE": charts}
 
 
@@ -116,10 +137,14 @@ def write_all(writers: list, step: int, records: list[LayerRecord], on_error: st
         except Exception as error:
             where = getattr(writer, "path", type(writer).__name__)
             if on_error == "raise":
-                raise NerveOutputError(f"nerve: writing step {step} to {where} failed ({type(error).__name__}: "
-                                       f"{error}); [nerve] on_error = 'raise' stops the run") from error
-            logger.error(f"nerve: writing step {step} to {where} failed ({type(error).__name__}: {error}); "
-                         f"nerve stops writing there, training goes on")
+                raise NerveOutputError(
+                    f"nerve: writing step {step} to {where} failed ({type(error).__name__}: "
+                    f"{error}); [nerve] on_error = 'raise' stops the run"
+                ) from error
+            logger.error(
+                f"nerve: writing step {step} to {where} failed ({type(error).__name__}: {error}); "
+                f"nerve stops writing there, training goes on"
+            )
     return working
 
 
@@ -171,8 +196,10 @@ class OutputLock:
             return  # a run that died: its lock is stale
         except PermissionError:
             pass  # alive, another user's
-        raise NerveOutputError(f"nerve: another run is writing {folder} ({_describe_owner(owner)}, lock {self.path}): "
-                               f"give this run its own job.dump_folder (or JSONL path), or stop the other run")
+        raise NerveOutputError(
+            f"nerve: another run is writing {folder} ({_describe_owner(owner)}, lock {self.path}): "
+            f"give this run its own job.dump_folder (or JSONL path), or stop the other run"
+        )
 
     def release(self) -> None:
         if self._fd is None:
@@ -203,17 +230,22 @@ def _describe_owner(owner: tuple[int, str] | None) -> str:
     if owner is None:
         return "pid unknown"
     pid, host = owner
-    return f"pid {pid} on host {host}" + (" (this process)" if pid == os.getpid() and host == socket.gethostname() else "")
+    return f"pid {pid} on host {host}" + (
+        " (this process)" if pid == os.getpid() and host == socket.gethostname() else ""
+    )
 
 
 def open_jsonl(path: str) -> OutputLock:
     """The start-up check of a JSONL output: its folder made and writable, the path a file that can be appended
     to (or none yet), and no other run writing it; the lock returned is held until released (or the process
     ends). Raises NerveOutputError naming the path, before any step runs."""
+
     def fail(what: str, error: BaseException | None = None) -> NerveOutputError:
         why = f" ({type(error).__name__}: {error})" if error is not None else ""
-        return NerveOutputError(f"nerve: cannot write its JSONL output {path}: {what}{why}; make it writable, "
-                                f"point job.dump_folder (or the JSONL path) elsewhere, or drop 'jsonl' from [nerve] outputs")
+        return NerveOutputError(
+            f"nerve: cannot write its JSONL output {path}: {what}{why}; make it writable, "
+            f"point job.dump_folder (or the JSONL path) elsewhere, or drop 'jsonl' from [nerve] outputs"
+        )
 
     folder = os.path.dirname(os.path.abspath(path))
     try:
@@ -262,7 +294,7 @@ class JsonlWriter:
             try:
                 view = memoryview(data)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
             except OSError:
                 # A full disk may have taken part of the text: leave whole lines only.
                 try:
@@ -325,8 +357,9 @@ class JsonlWriter:
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by the crash
         # A name of its own (not one fixed ".tmp"): two processes rewriting at once must not share a file.
-        fd, aside = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".tmp",
-                                     dir=os.path.dirname(os.path.abspath(self.path)))
+        fd, aside = tempfile.mkstemp(
+            prefix=os.path.basename(self.path) + ".", suffix=".tmp", dir=os.path.dirname(os.path.abspath(self.path))
+        )
         try:
             with os.fdopen(fd, "w") as f:
                 f.writelines(kept)
@@ -355,9 +388,9 @@ def spectrum_picture(records: list[LayerRecord], panel: tuple[int, int] = (220, 
     spectra = [s for r in records for s in (r.pre, r.post) if s is not None and len(s.eigenvalues)]
     if not spectra:  # every measured tap failed: nothing to draw, but keep the picture's place in the run
         spectra = [None]
-        floor, top = 1e-12, 1.0
+        floor, top = EIG_FLOOR, 1.0
     else:
-        floor = max(min(float(s.eigenvalues[s.eigenvalues > 1e-12].min(initial=1.0)) for s in spectra), 1e-12)
+        floor = max(min(float(s.eigenvalues[s.eigenvalues > EIG_FLOOR].min(initial=1.0)) for s in spectra), EIG_FLOOR)
         top = max(float(s.eigenvalues[0]) for s in spectra)
     lo, hi = math.log10(floor), math.log10(top) if top > floor else math.log10(floor) + 1
     columns = min(4, len(records))
@@ -378,7 +411,12 @@ def spectrum_picture(records: list[LayerRecord], panel: tuple[int, int] = (220, 
         draw.text((x0 + 2, y0 + height - 18), f"{lo:.0f}", fill="gray")
         dims = [t.dim for t in (record.pre, record.post) if t is not None]
         draw.text((x0 + width - 40, y0 + height - 20), f"D={max(dims)}", fill="gray")
-        draw.text((x0 + margin + 2, y0 + 1), f"layer {record.layer}" + (f"  JS {record.js:.3f}" if record.js is not None and math.isfinite(record.js) else ""), fill="black")
+        draw.text(
+            (x0 + margin + 2, y0 + 1),
+            f"layer {record.layer}"
+            + (f"  JS {record.js:.3f}" if record.js is not None and math.isfinite(record.js) else ""),
+            fill="black",
+        )
         for result, colour in ((record.pre, PRE_COLOUR), (record.post, POST_COLOUR)):
             if result is None or not len(result.eigenvalues):
                 continue

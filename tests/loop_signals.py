@@ -18,6 +18,7 @@ from toy_model import ToyModel
 
 path, mode = sys.argv[1], sys.argv[2]
 if mode == "sigterm_chained":
+
     def own_handler(signum, frame):
         print("own handler", flush=True)
         os._exit(3)
@@ -25,8 +26,9 @@ if mode == "sigterm_chained":
     signal.signal(signal.SIGTERM, own_handler)
 
 model = ToyModel(8, 12, 3)
-nerve = NerveLoop(model, blocks="layers", up="w1", down="w2", log_freq=2, jsonl=path, solve="overlap",
-                  max_overhead=0)
+nerve = NerveLoop(
+    model, blocks="layers", up="w1", down="w2", log_freq=2, jsonl=path, solve_timing="overlap", max_overhead=0
+)
 try:
     for step in range(1, 7):
         nerve.begin_step(step)
@@ -34,7 +36,7 @@ try:
         nerve.end_step(step)
         if step == 2:
             # step 2 solved in memory: the state the signal must not lose (bounded: the solves take milliseconds)
-            assert nerve.monitor._pending[0].done.wait(60)
+            assert nerve.monitor.ready_records(wait_s=60)
             os.kill(os.getpid(), signal.SIGINT if mode == "sigint" else signal.SIGTERM)
             print("not stopped", flush=True)
 except KeyboardInterrupt:

@@ -16,31 +16,18 @@ import torch
 from torch import nn
 
 from nerve_plugin.analyze import ARCHITECTURES, ArchitectureError, NerVEAnalyzer
+from reference import js as reference_js
+from reference import of_rows
 
 REL = 1e-8
 VOCAB, HIDDEN, FFN, LAYERS = 64, 32, 64, 2
-TEXT = ("the quick brown fox jumps over the lazy dog while a small model reads every word of this text "
-        "and the analyzer measures how its feed forward layers spread the tokens over their hidden space ") * 6
+TEXT = (
+    "the quick brown fox jumps over the lazy dog while a small model reads every word of this text "
+    "and the analyzer measures how its feed forward layers spread the tokens over their hidden space "
+) * 6
 
 
-# -- an independent reference: numpy float64 on activations captured here ----------------------------------
-
-
-def reference_metrics(rows: np.ndarray) -> dict:
-    """SE, PR, EEE and the normalised spectrum of the rows' covariance, written from the formulas."""
-    cov = np.cov(rows, rowvar=False, ddof=1)
-    eigs = np.clip(np.linalg.eigvalsh(cov)[::-1], 1e-12, None)
-    p = eigs / eigs.sum()
-    d = len(p)
-    eee = (np.cumsum(p) - np.arange(1, d + 1) / d).mean() / 0.5
-    return {"spectral_entropy": float(-(p * np.log(p)).sum()),
-            "participation_ratio": float(eigs.sum() ** 2 / (eigs ** 2).sum()),
-            "eee": float(np.clip(eee, 0.0, 1.0)), "p": p, "tokens": rows.shape[0]}
-
-
-def reference_js(p: np.ndarray, q: np.ndarray) -> float:
-    m = 0.5 * (p + q)
-    return float(0.5 * (p * np.log(p / m)).sum() + 0.5 * (q * np.log(q / m)).sum())
+# -- an independent reference: numpy float64 (tests/reference.py) on activations captured here -------------
 
 
 def capture_reference(run, modules: dict, batches) -> dict:
@@ -67,7 +54,7 @@ def capture_reference(run, modules: dict, batches) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {key: reference_metrics(np.concatenate(chunks)) for key, chunks in rows.items()}
+    return {key: of_rows(np.concatenate(chunks)) for key, chunks in rows.items()}
 
 
 def assert_matches(results, reference: dict) -> None:
@@ -78,13 +65,18 @@ def assert_matches(results, reference: dict) -> None:
             assert got.tokens == ref["tokens"]
             for metric in ("spectral_entropy", "participation_ratio", "eee"):
                 assert math.isclose(getattr(got, metric), ref[metric], rel_tol=REL, abs_tol=1e-13), (
-                    r.layer, tap, metric, getattr(got, metric), ref[metric])
+                    r.layer,
+                    tap,
+                    metric,
+                    getattr(got, metric),
+                    ref[metric],
+                )
         js = reference_js(reference[(r.layer, "pre")]["p"], reference[(r.layer, "post")]["p"])
         assert math.isclose(r.js, js, rel_tol=REL, abs_tol=1e-13), (r.layer, r.js, js)
 
 
 def batches_of(ids, mask, batch_size):
-    return [(ids[i:i + batch_size], mask[i:i + batch_size]) for i in range(0, ids.shape[0], batch_size)]
+    return [(ids[i : i + batch_size], mask[i : i + batch_size]) for i in range(0, ids.shape[0], batch_size)]
 
 
 def padded_inputs(seed=0, n=6, length=24):
@@ -104,14 +96,36 @@ SPECIAL = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def _configs(T):
-    attn = dict(num_hidden_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=2, intermediate_size=FFN,
-                vocab_size=VOCAB, max_position_embeddings=64, **SPECIAL)
+    attn = dict(
+        num_hidden_layers=LAYERS,
+        hidden_size=HIDDEN,
+        num_attention_heads=2,
+        intermediate_size=FFN,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        **SPECIAL,
+    )
     return {
-        "gpt2": (T.GPT2LMHeadModel, T.GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=2, n_inner=FFN,
-                                                  vocab_size=VOCAB, n_positions=64, **SPECIAL)),
+        "gpt2": (
+            T.GPT2LMHeadModel,
+            T.GPT2Config(
+                n_layer=LAYERS, n_embd=HIDDEN, n_head=2, n_inner=FFN, vocab_size=VOCAB, n_positions=64, **SPECIAL
+            ),
+        ),
         "gpt_neox": (T.GPTNeoXForCausalLM, T.GPTNeoXConfig(**attn)),
-        "gptj": (T.GPTJForCausalLM, T.GPTJConfig(n_layer=LAYERS, n_embd=HIDDEN, n_head=2, n_inner=FFN,
-                                                  rotary_dim=8, vocab_size=VOCAB, n_positions=64, **SPECIAL)),
+        "gptj": (
+            T.GPTJForCausalLM,
+            T.GPTJConfig(
+                n_layer=LAYERS,
+                n_embd=HIDDEN,
+                n_head=2,
+                n_inner=FFN,
+                rotary_dim=8,
+                vocab_size=VOCAB,
+                n_positions=64,
+                **SPECIAL,
+            ),
+        ),
         "llama": (T.LlamaForCausalLM, T.LlamaConfig(**attn)),
         "mistral": (T.MistralForCausalLM, T.MistralConfig(num_key_value_heads=1, **attn)),
         "qwen2": (T.Qwen2ForCausalLM, T.Qwen2Config(num_key_value_heads=1, **attn)),
@@ -125,8 +139,10 @@ def _configs(T):
 # Where each family's taps must be, written out per model class: (pre module, post module) of block i.
 EXPECTED = {
     "gpt2": ("gpt2", lambda m, i: (m.transformer.h[i].mlp.c_fc, m.transformer.h[i].mlp.c_proj)),
-    "gpt_neox": ("gpt_neox", lambda m, i: (m.gpt_neox.layers[i].mlp.dense_h_to_4h,
-                                           m.gpt_neox.layers[i].mlp.dense_4h_to_h)),
+    "gpt_neox": (
+        "gpt_neox",
+        lambda m, i: (m.gpt_neox.layers[i].mlp.dense_h_to_4h, m.gpt_neox.layers[i].mlp.dense_4h_to_h),
+    ),
     "gptj": ("gptj", lambda m, i: (m.transformer.h[i].mlp.fc_in, m.transformer.h[i].mlp.fc_out)),
     "llama": ("llama", lambda m, i: (m.model.layers[i].mlp.gate_proj, m.model.layers[i].mlp.down_proj)),
     "mistral": ("mistral", lambda m, i: (m.model.layers[i].mlp.gate_proj, m.model.layers[i].mlp.down_proj)),
@@ -134,8 +150,10 @@ EXPECTED = {
     "gemma": ("gemma", lambda m, i: (m.model.layers[i].mlp.gate_proj, m.model.layers[i].mlp.down_proj)),
     "phi": ("phi", lambda m, i: (m.model.layers[i].mlp.fc1, m.model.layers[i].mlp.fc2)),
     "bert": ("bert", lambda m, i: (m.bert.encoder.layer[i].intermediate.dense, m.bert.encoder.layer[i].output.dense)),
-    "roberta": ("bert", lambda m, i: (m.roberta.encoder.layer[i].intermediate.dense,
-                                      m.roberta.encoder.layer[i].output.dense)),
+    "roberta": (
+        "bert",
+        lambda m, i: (m.roberta.encoder.layer[i].intermediate.dense, m.roberta.encoder.layer[i].output.dense),
+    ),
 }
 
 
@@ -172,8 +190,7 @@ def test_hf_layouts_taps_and_metrics(hf_models, name):
     results = analyzer.analyze(ids, mask, batch_size=4)
     assert results.tokens == int(mask.sum())
     # The reference runs the full task model (LM / MLM head included) on the same batches.
-    reference = capture_reference(lambda i, m: model(input_ids=i, attention_mask=m), expected,
-                                  batches_of(ids, mask, 4))
+    reference = capture_reference(lambda i, m: model(input_ids=i, attention_mask=m), expected, batches_of(ids, mask, 4))
     assert_matches(results, reference)
     assert json.loads(json.dumps(results.to_dict()))["layers"][1]["js"] == results.layers[1].js
 
@@ -264,17 +281,22 @@ def test_register_architecture_on_a_custom_module(registry):
         NerVEAnalyzer(model)
     assert "gpt2" in str(err.value) and "llama" in str(err.value)
     with pytest.raises(ArchitectureError, match="gated=True needs gate="):
-        NerVEAnalyzer.register_architecture("custom", block_path="stack", up="ffn.expand", down="ffn.contract",
-                                            gated=True)
-    NerVEAnalyzer.register_architecture("custom", block_path="stack", up="ffn.expand", down="ffn.contract",
-                                        gated=True, gate="ffn.gate")
+        NerVEAnalyzer.register_architecture(
+            "custom", block_path="stack", up="ffn.expand", down="ffn.contract", gated=True
+        )
+    NerVEAnalyzer.register_architecture(
+        "custom", block_path="stack", up="ffn.expand", down="ffn.contract", gated=True, gate="ffn.gate"
+    )
     with pytest.raises(ArchitectureError, match="already registered"):
         NerVEAnalyzer.register_architecture("custom", block_path="stack", up="ffn.gate", down="ffn.contract")
 
     analyzer = NerVEAnalyzer(model)  # the only layout that matches: found by structure
     assert analyzer.architecture.name == "custom"
-    expected = {(i, tap): m for i, block in enumerate(model.trunk.stack)
-                for tap, m in (("pre", block.ffn.gate), ("post", block.ffn.contract))}
+    expected = {
+        (i, tap): m
+        for i, block in enumerate(model.trunk.stack)
+        for tap, m in (("pre", block.ffn.gate), ("post", block.ffn.contract))
+    }
     assert analyzer.tap_modules == expected and all(analyzer.tap_modules[k] is m for k, m in expected.items())
 
     ids = torch.randint(0, 50, (5, 30), generator=torch.Generator().manual_seed(3))
@@ -289,8 +311,7 @@ def test_structure_fallback_and_errors(hf_models):
     # A model without config.model_type whose modules are named like LLaMA's: found by structure.
     bare = nn.Module()
     bare.layers = llama.model.layers
-    assert NerVEAnalyzer(bare, forward=lambda i, m: None).architecture.name in ("llama", "mistral", "qwen2",
-                                                                               "gemma")
+    assert NerVEAnalyzer(bare, forward=lambda i, m: None).architecture.name in ("llama", "mistral", "qwen2", "gemma")
     with pytest.raises(ArchitectureError, match="unknown architecture 'nope'"):
         NerVEAnalyzer(llama, "nope")
     with pytest.raises(ArchitectureError, match="no block under"):
@@ -299,9 +320,11 @@ def test_structure_fallback_and_errors(hf_models):
 
 @pytest.mark.slow
 def test_analyze_imports_without_transformers():
-    code = ("import sys; sys.modules['transformers'] = None\n"
-            "import nerve_plugin.analyze, nerve_plugin.analyze.cli\n"
-            "assert 'torchtitan' not in sys.modules, 'the analyzer core imported torchtitan'\n")
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import nerve_plugin.analyze, nerve_plugin.analyze.cli\n"
+        "assert 'torchtitan' not in sys.modules, 'the analyzer core imported torchtitan'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -316,8 +339,9 @@ def _tiny_hf_tokenizer(transformers, path):
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                pad_token="<pad>", unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(path)
     return vocab
 
@@ -325,7 +349,7 @@ def _tiny_hf_tokenizer(transformers, path):
 def _windows(ids, room, prefix, seq_len, pad):
     rows, masks = [], []
     for start in range(0, len(ids), room):
-        row = prefix + ids[start:start + room]
+        row = prefix + ids[start : start + room]
         rows.append(row + [pad] * (seq_len - len(row)))
         masks.append([1] * len(row) + [0] * (seq_len - len(row)))
     return torch.tensor(rows), torch.tensor(masks)
@@ -364,15 +388,34 @@ def test_cli_on_a_saved_hf_model(hf_models, transformers, tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text(TEXT)
     out = tmp_path / "analysis"
-    assert main([str(model_dir), str(text), "--out", str(out), "--seq-len", "20", "--max-tokens", "150",
-                 "--batch-size", "3", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                str(model_dir),
+                str(text),
+                "--out",
+                str(out),
+                "--seq-len",
+                "20",
+                "--max-tokens",
+                "150",
+                "--batch-size",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
 
     # The same windows built by hand: <s> + 19 words each, the last one padded, 150 words in all.
     ids = [vocab[w] for w in TEXT.split()][:150]
     input_ids, mask = _windows(ids, 19, [1], 20, 0)
-    reference = capture_reference(lambda i, m: model(input_ids=i, attention_mask=m),
-                                  expected_modules("llama", model), batches_of(input_ids, mask, 3))
+    reference = capture_reference(
+        lambda i, m: model(input_ids=i, attention_mask=m),
+        expected_modules("llama", model),
+        batches_of(input_ids, mask, 3),
+    )
     record = _check_outputs(out, stdout, reference, [0, 1])
     assert record["architecture"] == "llama" and record["tokens"] == 150 + 8
     assert record["settings"]["sequences"] == 8
@@ -387,9 +430,11 @@ def test_cli_on_a_torchtitan_checkpoint(tmp_path, capsys):
     from nerve_plugin.torchtitan.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer
 
     toml = tmp_path / "run.toml"
-    toml.write_text('[job]\ndump_folder = "outputs"\ncustom_config_module = "nerve_plugin.torchtitan.config"\n'
-                    '[model]\nname = "nerve_llama"\nflavor = "debugmodel"\nhf_assets_path = ""\n'
-                    '[training]\nseq_len = 48\n[variant]\nactivation = "gelu"\nffn_multiplier = 1.5\n')
+    toml.write_text(
+        '[job]\ndump_folder = "outputs"\ncustom_config_module = "nerve_plugin.torchtitan.config"\n'
+        '[model]\nname = "nerve_llama"\nflavor = "debugmodel"\nhf_assets_path = ""\n'
+        '[training]\nseq_len = 48\n[variant]\nactivation = "gelu"\nffn_multiplier = 1.5\n'
+    )
     model = build_model(load_job_config(toml))
     torch.manual_seed(0)
     with torch.no_grad():
@@ -410,23 +455,49 @@ def test_cli_on_a_torchtitan_checkpoint(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text(TEXT)
     out = tmp_path / "analysis"
-    assert main([str(tmp_path / "outputs"), str(text), "--config", str(toml), "--out", str(out), "--seq-len", "32",
-                 "--max-tokens", "200", "--layers", "0,5", "--batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                str(tmp_path / "outputs"),
+                str(text),
+                "--config",
+                str(toml),
+                "--out",
+                str(out),
+                "--seq-len",
+                "32",
+                "--max-tokens",
+                "200",
+                "--layers",
+                "0,5",
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
 
     tok = TiktokenTokenizer(SHIPPED_VOCAB)
     ids = tok.encode(TEXT)[:200]
     input_ids, mask = _windows(ids, 31, [tok.bos_id], 32, tok.eos_id)
-    modules = {(i, tap): m for i in (0, 5) for tap, m in (("pre", model.layers[str(i)].feed_forward.w1),
-                                                         ("post", model.layers[str(i)].feed_forward.w2))}
+    modules = {
+        (i, tap): m
+        for i in (0, 5)
+        for tap, m in (("pre", model.layers[str(i)].feed_forward.w1), ("post", model.layers[str(i)].feed_forward.w2))
+    }
     reference = capture_reference(lambda i, m: model(i), modules, batches_of(input_ids, mask, 4))
     record = _check_outputs(out, stdout, reference, [0, 5])
     assert record["architecture"] == "torchtitan_llama" and record["layers"][0]["pre"]["dim"] == 384
     assert record["settings"]["checkpoint"].endswith("step-2")
 
     # A job config that does not describe the checkpoint's model is refused, naming the tensor.
-    with pytest.raises(CheckpointError, match=r"'layers.0.feed_forward.w1.weight' has shape \(384, 256\) in the "
-                                              r"checkpoint and \(512, 256\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'layers.0.feed_forward.w1.weight' has shape \(384, 256\) in the "
+        r"checkpoint and \(512, 256\)",
+    ):
         load_checkpoint(tmp_path / "outputs", toml, variant={"ffn_multiplier": 2})
 
 
@@ -441,11 +512,16 @@ def test_cli_stops_in_one_line_on_an_unusable_out_folder_or_an_hf_folder_without
     (tmp_path / "a_file").write_text("")
     with pytest.raises(SystemExit) as stop:
         main([str(config_only), str(text), "--out", str(tmp_path / "a_file" / "analysis"), "--quiet"])
-    assert stop.value.code == f"nerve-analyze: --out {tmp_path / 'a_file' / 'analysis'}: {tmp_path / 'a_file'} is a file, not a folder"
+    assert (
+        stop.value.code
+        == f"nerve-analyze: --out {tmp_path / 'a_file' / 'analysis'}: {tmp_path / 'a_file'} is a file, not a folder"
+    )
     with pytest.raises(SystemExit) as stop:
         main([str(config_only), str(text), "--out", str(tmp_path / "analysis"), "--quiet"])
-    assert stop.value.code == (f"nerve-analyze: {config_only} holds config.json but no weights (model.safetensors, "
-                               "pytorch_model.bin or a sharded index): save the model there with save_pretrained")
+    assert stop.value.code == (
+        f"nerve-analyze: {config_only} holds config.json but no weights (model.safetensors, "
+        "pytorch_model.bin or a sharded index): save the model there with save_pretrained"
+    )
     assert not (tmp_path / "analysis").exists()  # refused before any work
 
 

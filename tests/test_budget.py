@@ -15,6 +15,7 @@ from datetime import timedelta
 import pytest
 import torch
 
+from helpers import read_jsonl
 from nerve_plugin import NerveLoop
 from nerve_plugin.budget import OverheadBudget, StepTimes
 from nerve_plugin.monitor import MonitorConfig, NerveMonitor, ParallelGroups
@@ -60,8 +61,10 @@ def test_at_least_one_layer_and_one_warning_naming_a_log_freq_that_fits(caplog):
         "100 ms step (10.0%); measuring 1 of 4 layers per logging step anyway. log_freq >= 200 would fit the budget"
     ]
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert infos == ["nerve: measuring 1 of 4 layers per logging step (logging step ~1000 ms over a 100 ms step, "
-                     "10.0% at log_freq 100; budget 5%)"]  # once: the choice did not change
+    assert infos == [
+        "nerve: measuring 1 of 4 layers per logging step (logging step ~1000 ms over a 100 ms step, "
+        "10.0% at log_freq 100; budget 5%)"
+    ]  # once: the choice did not change
 
 
 def test_the_warm_up_step_counts_only_until_a_later_one_exists(caplog):
@@ -174,14 +177,21 @@ def monitor_for(clock, **options) -> NerveMonitor:
 ALL = list(range(LAYERS))
 
 
-@pytest.mark.parametrize("fixed_s, windows, infos", [
-    # step 1: warm-up, and no step timed before it; step 10: every layer again, now timed against steps 2-9.
-    # 20 ms a layer, allowance 0.05 x 10 x 0.1 s = 50 ms: 2 layers, windows wrapping round the 5
-    (0.0, [ALL, ALL, [0, 1], [2, 3], [0, 4], [1, 2]], ["~40 ms over a 100 ms step, 4.0%"]),
-    # +20 ms fixed: step 10 costs 120 ms (24 ms a layer while it is all taken as per-layer: 2 layers); step 20's
-    # 60 ms for 2 layers gives the line, 20 ms + 20 ms a layer: 1 layer (40 ms), from where step 20 ended
-    (0.02, [ALL, ALL, [0, 1], [2], [3], [4]], ["~48 ms over a 100 ms step, 4.8%", "~40 ms over a 100 ms step, 4.0%"]),
-])
+@pytest.mark.parametrize(
+    "fixed_s, windows, infos",
+    [
+        # step 1: warm-up, and no step timed before it; step 10: every layer again, now timed against steps 2-9.
+        # 20 ms a layer, allowance 0.05 x 10 x 0.1 s = 50 ms: 2 layers, windows wrapping round the 5
+        (0.0, [ALL, ALL, [0, 1], [2, 3], [0, 4], [1, 2]], ["~40 ms over a 100 ms step, 4.0%"]),
+        # +20 ms fixed: step 10 costs 120 ms (24 ms a layer while it is all taken as per-layer: 2 layers); step 20's
+        # 60 ms for 2 layers gives the line, 20 ms + 20 ms a layer: 1 layer (40 ms), from where step 20 ended
+        (
+            0.02,
+            [ALL, ALL, [0, 1], [2], [3], [4]],
+            ["~48 ms over a 100 ms step, 4.8%", "~40 ms over a 100 ms step, 4.0%"],
+        ),
+    ],
+)
 def test_an_expensive_logging_step_measures_a_rotating_subset(monkeypatch, caplog, fixed_s, windows, infos):
     clock = Clock()
     fake_cost(monkeypatch, clock, per_layer_s=0.02, fixed_s=fixed_s)
@@ -191,7 +201,9 @@ def test_an_expensive_logging_step_measures_a_rotating_subset(monkeypatch, caplo
     # one line per change of the choice, and no warning
     assert [r.getMessage() for r in caplog.records] == [
         f"nerve: measuring {len(windows[2 + i])} of 5 layers per logging step (logging step {info} at log_freq 10; "
-        "budget 5%)" for i, info in enumerate(infos)]
+        "budget 5%)"
+        for i, info in enumerate(infos)
+    ]
 
 
 def test_over_budget_measures_one_layer_at_a_time_and_warns_once(monkeypatch, caplog):
@@ -253,8 +265,10 @@ def test_no_budget_measures_every_layer_at_every_logging_step(monkeypatch, caplo
     assert all(layers == ALL for layers in measured.values()) and len(measured) >= 4
     messages = [r.getMessage() for r in caplog.records]
     if options.get("log_freq") == 1:  # not silently: once, why the budget cannot act
-        assert messages == ["nerve: max_overhead = 0.05 needs steps that do not log to time, and log_freq = 1 has "
-                            "none: every logging step measures 5 of 5 layers"]
+        assert messages == [
+            "nerve: max_overhead = 0.05 needs steps that do not log to time, and log_freq = 1 has "
+            "none: every logging step measures 5 of 5 layers"
+        ]
     else:
         assert messages == []
 
@@ -264,20 +278,36 @@ def test_nerve_loop_writes_the_records_of_the_measured_layers_unchanged(monkeypa
         clock = Clock()
         fake_cost(monkeypatch, clock, per_layer_s=0.02)
         model = Toy().double()
-        nerve = NerveLoop(model, blocks="layers", up="w1", down="w2", log_freq=10, jsonl=str(jsonl), clock=clock,
-                          max_overhead=max_overhead)
+        nerve = NerveLoop(
+            model,
+            blocks="layers",
+            up="w1",
+            down="w2",
+            log_freq=10,
+            jsonl=str(jsonl),
+            clock=clock,
+            max_overhead=max_overhead,
+        )
         for step in range(1, 41):
             nerve.begin_step(step)
             model(batch(step))
             clock.advance(STEP_S)
             nerve.end_step(step)
         nerve.close()
-        return [json.loads(line) for line in jsonl.read_text().splitlines()]
+        return read_jsonl(jsonl)
 
     budgeted = train(0.05, tmp_path / "budget.jsonl")
     full = {(r["step"], r["layer"]): r for r in train(0, tmp_path / "full.jsonl")}
-    assert [(r["step"], r["layer"]) for r in budgeted] == [(1, l) for l in ALL] + [(10, l) for l in ALL] + [
-        (20, 0), (20, 1), (30, 2), (30, 3), (40, 0), (40, 4)]
+    assert [(r["step"], r["layer"]) for r in budgeted] == [(1, layer) for layer in ALL] + [
+        (10, layer) for layer in ALL
+    ] + [
+        (20, 0),
+        (20, 1),
+        (30, 2),
+        (30, 3),
+        (40, 0),
+        (40, 4),
+    ]
     assert all(r == full[(r["step"], r["layer"])] for r in budgeted)  # the same records, just fewer
 
 
@@ -288,8 +318,9 @@ def _agreeing_rank(rank: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         clock = Clock()
         real = NerveMonitor._reduce_owned
@@ -302,8 +333,9 @@ def _agreeing_rank(rank: int, init_file: str, out_dir: str) -> None:
 
         NerveMonitor._reduce_owned = expensive
         model = Toy().double()
-        monitor = NerveMonitor(model, SPEC, MonitorConfig(log_freq=5), ParallelGroups(token_group=dist.group.WORLD),
-                               clock=clock).attach()
+        monitor = NerveMonitor(
+            model, SPEC, MonitorConfig(log_freq=5), ParallelGroups(token_group=dist.group.WORLD), clock=clock
+        ).attach()
         measured, recorded = {}, {}
         for step in range(1, 36):
             monitor.begin_step(step)
@@ -327,8 +359,9 @@ def _agreeing_rank(rank: int, init_file: str, out_dir: str) -> None:
 def test_every_rank_chooses_from_the_slowest_ranks_timings(tmp_path):
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_agreeing_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _agreeing_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:

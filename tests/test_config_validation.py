@@ -9,7 +9,6 @@ way jobs are launched); a few run through its command line (tyro), and one throu
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import pytest
 
+from helpers import free_port
 from nerve_plugin.solve import usable_cores
 from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, to_toml
 
@@ -44,63 +44,93 @@ class Row:
 FLAVORED = "'flavor', "  # [variant] choices start with "keep the flavor's"
 
 TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
-    "nerve": (Nerve, NerveConfigError, {
-        "enable": Row(1, AnyOfType((True, False)), "true or false"),
-        "log_freq": Row("100", 0, "an integer >= 1"),
-        "taps": Row("pre", ["pre", "middle"], "a non-empty list of values from ['pre', 'post']"),
-        "layers": Row([0.5], [3, -1], "a list of layer indices >= 0 (empty for all layers)"),
-        "tokens_per_rank": Row(2.5, 1, "0 (all tokens) or an integer >= 2"),
-        "eigen_solve": Row(0, "gpu", "one of 'rank0', 'spread'"),
-        "outputs": Row("jsonl", ["jsonl", "wandb"], "a list of values from ['tensorboard', 'jsonl']"),
-        "spec": Row(["llama3"], "gpt2", "one of 'auto', 'llama3', 'llama4', 'qwen3', 'nerve_llama'"),
-        # the seed is hashed into the sub-sampling generator's seed: any integer works
-        "seed": Row("0", AnyOfType((-(2**63), 0, 2**63 - 1)), "an integer"),
-        "solve": Row(1, "async", "one of 'sync', 'overlap'"),
-        "max_layers_per_step": Row("2", -1, "0 (all layers) or an integer >= 1"),
-        "memory_budget_gb": Row("16", 0.0, "a number of GiB > 0"),
-        # bounded by the host: more threads than cores starved the host (and 2^40 killed the solver thread)
-        "solver_threads": Row(1.5, 1099511627776, f"0 (automatic) or an integer from 1 to {usable_cores()} (this host's cores)"),
-        # a percentage where a fraction belongs (5 for 5%) is the likely mistake
-        "max_overhead": Row("0.05", 5.0, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)"),
-        "eigensolver": Row(1, "cusolver", "one of 'auto', 'batched', 'eigvalsh'"),
-        "on_error": Row(True, "ignore", "one of 'warn', 'raise'"),
-    }),
-    "muon": (Muon, MuonConfigError, {
-        "momentum": Row("0.95", 1.0, "a number in [0, 1)"),
-        "nesterov": Row("true", AnyOfType((True, False)), "true or false"),
-        "ns_steps": Row(5.0, 0, "an integer in [1, 99]"),
-        "ns_coefficients": Row(["3.4", "-4.7", "2.0"], [3.4445, -4.775], "a list of 3 finite numbers [a, b, c]"),
-        "eps": Row("1e-7", 0.0, "a finite number > 0"),
-        "adjust_lr": Row(1, "rms", "one of 'original', 'match_rms_adamw'"),
-        "lr": Row("0.02", -0.1, "a finite number >= 0, or unset for [optimizer] lr"),
-        "weight_decay": Row(True, -1.0, "a finite number >= 0, or unset for [optimizer] weight_decay"),
-        "muon_params": Row("layers.*", ["layers.*", ""], "a list of non-empty fnmatch patterns (empty for the default)"),
-        "ns_dtype": Row(16, "float16", "one of 'bfloat16', 'float32'"),
-        "bucket_mb": Row("512", -1.0, "a finite number >= 0 (0: one bucket)"),
-    }),
-    "variant": (Variant, VariantConfigError, {
-        "activation": Row(1, "tanh", "one of " + FLAVORED
-                          + "'swiglu', 'geglu', 'gelu', 'relu', 'leaky_relu', 'learnable_leaky_relu'"),
-        "leaky_slope": Row("0.01", 1.0, "a number in [0, 1)"),
-        "learnable_slope": Row(True, "head", "one of 'layer', 'global'"),
-        "ffn_multiplier": Row("4", -1.0, "0 (the flavor's) or a number > 0"),
-        "norm": Row(0, "batchnorm", "one of " + FLAVORED + "'rmsnorm', 'layernorm', 'none'"),
-        "norm_placement": Row(0, "sandwich", "one of " + FLAVORED + "'pre', 'post', 'mixed'"),
-        "mixed_post_layers": Row(1.0, 0, "an integer >= 1 (and < model.n_layers)"),
-        "ffn_geometry": Row(0, "orthogonal", "one of " + FLAVORED
-                            + "'none', 'weight_norm', 'spectral_norm', 'hyperspherical', 'ngpt'"),
-        "spectral_iters": Row("0", -1, "an integer >= 0 (0: the exact sigma every forward)"),
-        "pos_encoding": Row(0, "alibi", "one of " + FLAVORED + "'rope', 'learned', 'none'"),
-    }),
+    "nerve": (
+        Nerve,
+        NerveConfigError,
+        {
+            "enable": Row(1, AnyOfType((True, False)), "true or false"),
+            "log_freq": Row("100", 0, "an integer >= 1"),
+            "taps": Row("pre", ["pre", "middle"], "a non-empty list of values from ['pre', 'post']"),
+            "layers": Row([0.5], [3, -1], "a list of layer indices >= 0 (empty for all layers)"),
+            "tokens_per_rank": Row(2.5, 1, "0 (all tokens) or an integer >= 2"),
+            "solve_placement": Row(0, "gpu", "one of 'rank0', 'spread'"),
+            "outputs": Row("jsonl", ["jsonl", "wandb"], "a list of values from ['tensorboard', 'jsonl']"),
+            "spec": Row(["llama3"], "gpt2", "one of 'auto', 'llama3', 'llama4', 'qwen3', 'nerve_llama'"),
+            # the seed is hashed into the sub-sampling generator's seed: any integer works
+            "seed": Row("0", AnyOfType((-(2**63), 0, 2**63 - 1)), "an integer"),
+            "solve_timing": Row(1, "async", "one of 'sync', 'overlap'"),
+            "max_layers_per_step": Row("2", -1, "0 (all layers) or an integer >= 1"),
+            "memory_budget_gb": Row("16", 0.0, "a number of GiB > 0"),
+            # bounded by the host: more threads than cores starved the host (and 2^40 killed the solver thread)
+            "solver_threads": Row(
+                1.5, 1099511627776, f"0 (automatic) or an integer from 1 to {usable_cores()} (this host's cores)"
+            ),
+            # a percentage where a fraction belongs (5 for 5%) is the likely mistake
+            "max_overhead": Row("0.05", 5.0, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)"),
+            "eigensolver": Row(1, "cusolver", "one of 'auto', 'batched', 'eigvalsh'"),
+            "on_error": Row(True, "ignore", "one of 'warn', 'raise'"),
+        },
+    ),
+    "muon": (
+        Muon,
+        MuonConfigError,
+        {
+            "momentum": Row("0.95", 1.0, "a number in [0, 1)"),
+            "nesterov": Row("true", AnyOfType((True, False)), "true or false"),
+            "ns_steps": Row(5.0, 0, "an integer in [1, 99]"),
+            "ns_coefficients": Row(["3.4", "-4.7", "2.0"], [3.4445, -4.775], "a list of 3 finite numbers [a, b, c]"),
+            "eps": Row("1e-7", 0.0, "a finite number > 0"),
+            "adjust_lr": Row(1, "rms", "one of 'original', 'match_rms_adamw'"),
+            "lr": Row("0.02", -0.1, "a finite number >= 0, or unset for [optimizer] lr"),
+            "weight_decay": Row(True, -1.0, "a finite number >= 0, or unset for [optimizer] weight_decay"),
+            "muon_params": Row(
+                "layers.*", ["layers.*", ""], "a list of non-empty fnmatch patterns (empty for the default)"
+            ),
+            "ns_dtype": Row(16, "float16", "one of 'bfloat16', 'float32'"),
+            "bucket_mb": Row("512", -1.0, "a finite number >= 0 (0: one bucket)"),
+        },
+    ),
+    "variant": (
+        Variant,
+        VariantConfigError,
+        {
+            "activation": Row(
+                1,
+                "tanh",
+                "one of " + FLAVORED + "'swiglu', 'geglu', 'gelu', 'relu', 'leaky_relu', 'learnable_leaky_relu'",
+            ),
+            "leaky_slope": Row("0.01", 1.0, "a number in [0, 1)"),
+            "learnable_slope": Row(True, "head", "one of 'layer', 'global'"),
+            "ffn_multiplier": Row("4", -1.0, "0 (the flavor's) or a number > 0"),
+            "norm": Row(0, "batchnorm", "one of " + FLAVORED + "'rmsnorm', 'layernorm', 'none'"),
+            "norm_placement": Row(0, "sandwich", "one of " + FLAVORED + "'pre', 'post', 'mixed'"),
+            "mixed_post_layers": Row(1.0, 0, "an integer >= 1 (and < model.n_layers)"),
+            "ffn_geometry": Row(
+                0,
+                "orthogonal",
+                "one of " + FLAVORED + "'none', 'weight_norm', 'spectral_norm', 'hyperspherical', 'ngpt'",
+            ),
+            "spectral_iters": Row("0", -1, "an integer >= 0 (0: the exact sigma every forward)"),
+            "pos_encoding": Row(0, "alibi", "one of " + FLAVORED + "'rope', 'learned', 'none'"),
+        },
+    ),
 }
 
 # NaN fails every comparison and inf passes "> 0": the float keys must refuse both.
 NON_FINITE = [
-    ("nerve", "memory_budget_gb", math.nan), ("nerve", "memory_budget_gb", math.inf),
-    ("nerve", "max_overhead", math.nan), ("nerve", "max_overhead", -math.inf),
-    ("muon", "momentum", math.nan), ("muon", "eps", math.inf), ("muon", "lr", math.inf),
-    ("muon", "weight_decay", math.nan), ("muon", "bucket_mb", math.inf), ("muon", "ns_coefficients", [3.0, math.nan, 2.0]),
-    ("variant", "leaky_slope", math.nan), ("variant", "ffn_multiplier", math.inf), ("variant", "ffn_multiplier", math.nan),
+    ("nerve", "memory_budget_gb", math.nan),
+    ("nerve", "memory_budget_gb", math.inf),
+    ("nerve", "max_overhead", math.nan),
+    ("nerve", "max_overhead", -math.inf),
+    ("muon", "momentum", math.nan),
+    ("muon", "eps", math.inf),
+    ("muon", "lr", math.inf),
+    ("muon", "weight_decay", math.nan),
+    ("muon", "bucket_mb", math.inf),
+    ("muon", "ns_coefficients", [3.0, math.nan, 2.0]),
+    ("variant", "leaky_slope", math.nan),
+    ("variant", "ffn_multiplier", math.inf),
+    ("variant", "ffn_multiplier", math.nan),
 ]
 
 ROWS = [(section, key) for section, (_, _, rows) in TABLE.items() for key in rows]
@@ -127,7 +157,8 @@ def expected_message(section: str, key: str, value) -> str:
 def test_table_has_a_row_for_every_field(section):
     cls, _, rows = TABLE[section]
     assert sorted(rows) == sorted(f.name for f in fields(cls)), (
-        f"every [{section}] key needs a row in TABLE (wrong type, out-of-range value, allowed values)")
+        f"every [{section}] key needs a row in TABLE (wrong type, out-of-range value, allowed values)"
+    )
 
 
 def assert_refused(tmp_path, section, key, value):
@@ -150,7 +181,8 @@ def test_out_of_range_stops_with_key_and_allowed_values(tmp_path, section, key):
             assert getattr(getattr(parse_value(tmp_path, section, key, ok), section), key) == ok
         return
     assert isinstance(value, type(getattr(cls(), key)) if getattr(cls(), key) is not None else float), (
-        "an out-of-range value must have the key's type, or the row tests the type twice")
+        "an out-of-range value must have the key's type, or the row tests the type twice"
+    )
     assert_refused(tmp_path, section, key, value)
 
 
@@ -173,17 +205,26 @@ def test_unknown_key_stops_with_the_known_keys(tmp_path, section, key):
 def test_section_that_is_not_a_table_stops(tmp_path, section):
     # torchtitan alone would drop it silently and run with the defaults
     cls, error_type, _ = TABLE[section]
-    with pytest.raises(error_type, match=rf"^{section} = True is not allowed: expected a \[{section}\] table with keys from "
-                                          + re.escape(", ".join(f.name for f in fields(cls))) + "$"):
+    with pytest.raises(
+        error_type,
+        match=rf"^{section} = True is not allowed: expected a \[{section}\] table with keys from "
+        + re.escape(", ".join(f.name for f in fields(cls)))
+        + "$",
+    ):
         parse_toml(tmp_path, f"{section} = true\n")
 
 
 def test_valid_sections_still_parse(tmp_path):
-    config = parse_toml(tmp_path, to_toml({
-        "nerve": {"enable": True, "log_freq": 7, "layers": [0, 2], "tokens_per_rank": 2, "max_overhead": 0},
-        "muon": {"momentum": 0, "lr": 0.02, "ns_coefficients": [1, 2, 3]},
-        "variant": {"activation": "relu", "ffn_multiplier": 2},
-    }))
+    config = parse_toml(
+        tmp_path,
+        to_toml(
+            {
+                "nerve": {"enable": True, "log_freq": 7, "layers": [0, 2], "tokens_per_rank": 2, "max_overhead": 0},
+                "muon": {"momentum": 0, "lr": 0.02, "ns_coefficients": [1, 2, 3]},
+                "variant": {"activation": "relu", "ffn_multiplier": 2},
+            }
+        ),
+    )
     assert (config.nerve.enable, config.nerve.log_freq, config.nerve.layers) == (True, 7, [0, 2])
     assert config.nerve.max_overhead == 0
     assert (config.muon.momentum, config.muon.lr, config.muon.ns_coefficients) == (0, 0.02, [1, 2, 3])
@@ -203,11 +244,17 @@ CLI = [
     (["--variant.leaky_slope", "nan"], "[variant] leaky_slope = nan is not allowed: expected a number in [0, 1)"),
     (["--variant.activaton", "relu"], "Unrecognized options: --variant.activaton"),
     # bool keys are tyro flags without a value: a value after one is named with its option, not left over
-    (["--nerve.enable", "3"], "--nerve.enable 3: --nerve.enable is a flag and takes no value: expected "
-                              "--nerve.enable (true) or --nerve.no-enable (false); in a TOML, [nerve] enable = true or false"),
+    (
+        ["--nerve.enable", "3"],
+        "--nerve.enable 3: --nerve.enable is a flag and takes no value: expected "
+        "--nerve.enable (true) or --nerve.no-enable (false); in a TOML, [nerve] enable = true or false",
+    ),
     (["--nerve.enable=true"], "--nerve.enable=true: --nerve.enable is a flag and takes no value"),
-    (["--muon.no-nesterov", "yes"], "--muon.no-nesterov yes: --muon.no-nesterov is a flag and takes no value: "
-                                    "expected --muon.nesterov (true) or --muon.no-nesterov (false)"),
+    (
+        ["--muon.no-nesterov", "yes"],
+        "--muon.no-nesterov yes: --muon.no-nesterov is a flag and takes no value: "
+        "expected --muon.nesterov (true) or --muon.no-nesterov (false)",
+    ),
 ]
 
 
@@ -237,19 +284,34 @@ def test_every_rank_stops_at_start_up_on_its_own(tmp_path):
     # other ranks as soon as one fails, which would hide a rank left waiting in a collective. Here a waiting rank
     # would sit in the process-group rendezvous until the timeout. The bad key is an unknown one (the check
     # torchtitan lacks); every rank reads the same file before any process group exists.
-    cfg = merge(base_config(tmp_path), {"job": {"custom_config_module": CONFIG_MODULE},
-                                        "nerve": {"enable": True, "log_frequency": 10}})
+    cfg = merge(
+        base_config(tmp_path),
+        {"job": {"custom_config_module": CONFIG_MODULE}, "nerve": {"enable": True, "log_frequency": 10}},
+    )
     (tmp_path / "job.toml").write_text(to_toml(cfg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PYTHONUNBUFFERED": "1",
+    }
     start = time.monotonic()
-    ranks = [subprocess.Popen([sys.executable, "-m", "torchtitan.train", "--job.config_file", str(tmp_path / "job.toml")],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torchtitan.train", "--job.config_file", str(tmp_path / "job.toml")],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in (0, 1)
+    ]
     try:
         outputs = [p.communicate(timeout=120)[0] for p in ranks]
     finally:
@@ -262,3 +324,74 @@ def test_every_rank_stops_at_start_up_on_its_own(tmp_path):
         assert message in out, (rank, out[-3000:])
         assert "step:" not in out
     assert elapsed < 60, elapsed
+
+
+# -- renamed keys: solve -> solve_timing, eigen_solve -> solve_placement --------------------------------------
+
+OLD_NAMES = {"solve": ("solve_timing", "overlap"), "eigen_solve": ("solve_placement", "spread")}
+
+
+def assert_renamed(warned, config) -> None:
+    """One FutureWarning per old name, naming the new key, and the value under the new name."""
+    messages = [str(w.message) for w in warned if issubclass(w.category, FutureWarning)]
+    for old, (new, value) in OLD_NAMES.items():
+        assert sum(m.startswith(f"[nerve] {old} is deprecated: it is now called {new} ") for m in messages) == 1, (
+            messages
+        )
+        assert getattr(config, new) == value
+
+
+def test_old_key_names_in_the_toml_still_work_with_a_warning(tmp_path):
+    with pytest.warns(FutureWarning) as warned:
+        config = parse_toml(tmp_path, to_toml({"nerve": {"solve": "overlap", "eigen_solve": "spread"}}))
+    assert_renamed(warned, config.nerve)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--nerve.solve", "overlap", "--nerve.eigen_solve", "spread"],
+        ["--nerve.solve=overlap", "--nerve.eigen-solve=spread"],
+    ],
+)
+def test_old_key_names_on_the_command_line_still_work_with_a_warning(args):
+    from torchtitan.config import ConfigManager
+
+    with pytest.warns(FutureWarning) as warned:
+        config = ConfigManager().parse_args(["--job.custom_config_module", CONFIG_MODULE, *args])
+    assert_renamed(warned, config.nerve)
+
+
+def test_a_key_under_its_old_and_new_name_is_refused(tmp_path):
+    with pytest.raises(
+        NerveConfigError,
+        match=r"^\[nerve\] solve and solve_timing are both set: solve is the old "
+        r"name of solve_timing; keep solve_timing only$",
+    ):
+        parse_toml(tmp_path, to_toml({"nerve": {"solve": "overlap", "solve_timing": "sync"}}))
+    from nerve_plugin.monitor import MonitorConfig
+
+    with pytest.raises(ValueError, match="eigen_solve and solve_placement are both set"):
+        MonitorConfig(eigen_solve="spread", solve_placement="rank0")
+
+
+def test_old_argument_names_of_monitor_config_and_nerve_loop_warn_once_at_the_callers_line():
+    import warnings
+
+    from nerve_plugin import NerveLoop
+    from nerve_plugin.monitor import MonitorConfig
+    from toy_model import ToyModel
+
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("default")  # Python's default for FutureWarning: once per place it comes from
+        configs = [MonitorConfig(solve="overlap", eigen_solve="spread") for _ in range(3)]
+    assert_renamed(warned, configs[-1])
+    assert {w.filename for w in warned} == {__file__}  # the line to change, not nerve's
+    assert configs[0] == MonitorConfig(solve_timing="overlap", solve_placement="spread")
+
+    with pytest.warns(FutureWarning, match="solve is deprecated: it is now called solve_timing"):
+        loop = NerveLoop(ToyModel(4, 6, 2), blocks="layers", up="w1", down="w2", solve="overlap")
+    try:
+        assert loop.monitor.config.solve_timing == "overlap"
+    finally:
+        loop.close()

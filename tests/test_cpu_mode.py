@@ -13,8 +13,7 @@ import textwrap
 
 import pytest
 
-from torchtitan_harness import (
-    REPO_ROOT, TESTS_DIR, base_config, merge, parse_steps, read_metrics, run_torchtitan)
+from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, parse_steps, read_metrics, run_torchtitan
 
 # Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
 pytestmark = pytest.mark.slow
@@ -25,8 +24,10 @@ SEQ_LEN = 64
 
 
 def _config(tmp_path, dp: int, overrides: dict | None = None) -> dict:
-    cfg = merge(base_config(tmp_path), {"training": {
-        "steps": STEPS, "seq_len": SEQ_LEN, "local_batch_size": GLOBAL_BATCH // dp}})
+    cfg = merge(
+        base_config(tmp_path),
+        {"training": {"steps": STEPS, "seq_len": SEQ_LEN, "local_batch_size": GLOBAL_BATCH // dp}},
+    )
     return merge(cfg, overrides or {})
 
 
@@ -57,8 +58,9 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("fsdp"), nproc=2, dp=2,
-                  overrides={"parallelism": {"data_parallel_shard_degree": 2}})
+    return _train(
+        tmp_path_factory.mktemp("fsdp"), nproc=2, dp=2, overrides={"parallelism": {"data_parallel_shard_degree": 2}}
+    )
 
 
 def _assert_matches(run, ref, loss_tol=1e-5, grad_rtol=1e-3):
@@ -82,23 +84,42 @@ def test_fsdp_max_loss_is_per_rank(fsdp):
 
 
 def test_fsdp_with_full_activation_checkpointing(tmp_path, reference):
-    run = _train(tmp_path, nproc=2, dp=2, overrides={
-        "parallelism": {"data_parallel_shard_degree": 2},
-        "activation_checkpoint": {"mode": "full"}})
+    run = _train(
+        tmp_path,
+        nproc=2,
+        dp=2,
+        overrides={"parallelism": {"data_parallel_shard_degree": 2}, "activation_checkpoint": {"mode": "full"}},
+    )
     _assert_matches(run, reference)
 
 
 def test_tensor_parallel_with_selective_activation_checkpointing(tmp_path, reference):
-    run = _train(tmp_path, nproc=2, dp=1, overrides={
-        "parallelism": {"data_parallel_shard_degree": 1, "tensor_parallel_degree": 2},
-        "activation_checkpoint": {"mode": "selective"}})
+    run = _train(
+        tmp_path,
+        nproc=2,
+        dp=1,
+        overrides={
+            "parallelism": {"data_parallel_shard_degree": 1, "tensor_parallel_degree": 2},
+            "activation_checkpoint": {"mode": "selective"},
+        },
+    )
     _assert_matches(run, reference)
 
 
 def test_pipeline_parallel(tmp_path, reference):
-    run = _train(tmp_path, nproc=2, dp=1, overrides={"parallelism": {
-        "data_parallel_shard_degree": 1, "pipeline_parallel_degree": 2,
-        "pipeline_parallel_schedule": "1F1B", "pipeline_parallel_microbatch_size": 1}})
+    run = _train(
+        tmp_path,
+        nproc=2,
+        dp=1,
+        overrides={
+            "parallelism": {
+                "data_parallel_shard_degree": 1,
+                "pipeline_parallel_degree": 2,
+                "pipeline_parallel_schedule": "1F1B",
+                "pipeline_parallel_microbatch_size": 1,
+            }
+        },
+    )
     # torchtitan 0.2.2 backpropagates PP's summed loss without dividing by the global
     # token count (pytorch/torchtitan#2972): gradients are that many times larger. Both
     # runs clip to max_norm=1 and AdamW is scale-invariant, so the losses still agree.
@@ -109,8 +130,9 @@ def test_pipeline_parallel(tmp_path, reference):
 
 def _python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, (REPO_ROOT, TESTS_DIR)))}
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, env=env
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
 

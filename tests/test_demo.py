@@ -1,6 +1,5 @@
 """The README's first command: nerve-demo trains offline and prints a per-layer table."""
 
-import json
 import subprocess
 import sys
 import time
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import tomli
+from helpers import read_jsonl
 from torchtitan_harness import REPO_ROOT
 
 from nerve_plugin.demo import failure_report, format_table
@@ -31,7 +31,7 @@ def test_demo_trains_offline_and_prints_the_last_metrics(tmp_path):
     out = proc.stdout
     assert "step:  3  loss:" in out  # progress
     assert f"TensorBoard run: {dump / 'tb'}" in out
-    records = [json.loads(line) for line in (dump / "nerve" / "metrics.jsonl").read_text().splitlines()]
+    records = read_jsonl(dump / "nerve" / "metrics.jsonl")
     assert sorted({r["step"] for r in records}) == [1, 2]
     # The table is the last logged step's records, one row per layer of the debug model.
     assert format_table([r for r in records if r["step"] == 2], 2) in out
@@ -43,7 +43,7 @@ def test_demo_trains_offline_and_prints_the_last_metrics(tmp_path):
     # Seeded: a second run gives the same metrics, bit for bit (the README's table is what a user gets).
     again = run_demo(tmp_path, tmp_path / "again")
     assert again.returncode == 0, again.stdout + again.stderr
-    metrics = [json.loads(line) for line in (tmp_path / "again" / "nerve" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_jsonl(tmp_path / "again" / "nerve" / "metrics.jsonl")
     assert metrics == records
 
 
@@ -51,9 +51,11 @@ def test_help_does_not_import_torchtitan():
     # the installed command's module, as pyproject names it
     target = tomli.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]["nerve-demo"]
     module, function = target.split(":")
-    code = (f"import sys; sys.argv = ['nerve-demo', '--help']\nfrom {module} import {function}\n"
-            f"try:\n    {function}()\nexcept SystemExit:\n    pass\n"
-            "assert 'torchtitan' not in sys.modules, 'nerve-demo --help imported torchtitan'\n")
+    code = (
+        f"import sys; sys.argv = ['nerve-demo', '--help']\nfrom {module} import {function}\n"
+        f"try:\n    {function}()\nexcept SystemExit:\n    pass\n"
+        "assert 'torchtitan' not in sys.modules, 'nerve-demo --help imported torchtitan'\n"
+    )
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -62,16 +64,18 @@ def test_help_does_not_import_torchtitan():
 
 def test_a_failure_shows_the_lines_that_name_its_cause():
     # torchrun's log: the failing rank's traceback first, then pages of other output and torchrun's summary
-    log = "\n".join([
-        "[rank0]: Traceback (most recent call last):",
-        '[rank0]:   File "torchtitan/train.py", line 254, in __init__',
-        "[rank0]: nerve_plugin.torchtitan.config.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
-        *[f"[titan] 2026-01-01 00:00:{i % 60:02d},000 - root - INFO - shutting down {i}" for i in range(200)],
-        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
-        "torchtitan.train FAILED",
-        "Root Cause (first observed failure):",
-        "  exitcode  : 1 (pid: 123)",
-    ])
+    log = "\n".join(
+        [
+            "[rank0]: Traceback (most recent call last):",
+            '[rank0]:   File "torchtitan/train.py", line 254, in __init__',
+            "[rank0]: nerve_plugin.torchtitan.config.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
+            *[f"[titan] 2026-01-01 00:00:{i % 60:02d},000 - root - INFO - shutting down {i}" for i in range(200)],
+            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+            "torchtitan.train FAILED",
+            "Root Cause (first observed failure):",
+            "  exitcode  : 1 (pid: 123)",
+        ]
+    )
     report = failure_report(log, 1, Path("dump/demo.log")).splitlines()
     assert report[:3] == [
         "nerve-demo: torchtitan exited with 1.",

@@ -178,8 +178,11 @@ def _threaded_grid_executor(monkeypatch) -> None:
     executor = getattr(interpreter, "GridExecutor", None)
     builder = getattr(interpreter, "InterpreterBuilder", None)
     needed = ("_init_args_hst", "_restore_args_dev")
-    if executor is None or builder is None or not all(hasattr(executor, name) for name in needed) or not all(
-        hasattr(interpreter, name) for name in ("_patch_lang", "_implicit_cvt", "interpreter_builder")
+    if (
+        executor is None
+        or builder is None
+        or not all(hasattr(executor, name) for name in needed)
+        or not all(hasattr(interpreter, name) for name in ("_patch_lang", "_implicit_cvt", "interpreter_builder"))
     ):
         pytest.skip("Triton's interpreter changed: no threaded grid")
     local = threading.local()
@@ -231,9 +234,7 @@ def test_persistent_across_programs_threaded(monkeypatch):
     partial dot products from up to five programs) and the batch in launches of two matrices, every program of a
     launch running at once in its own thread of the interpreter."""
     _threaded_grid_executor(monkeypatch)
-    monkeypatch.setattr(
-        band_module, "_persistent_plan", lambda batch, m, *_: (4, 4, triton.cdiv(m, 4), 2)
-    )
+    monkeypatch.setattr(band_module, "_persistent_plan", lambda batch, m, *_: (4, 4, triton.cdiv(m, 4), 2))
     a = batch_of(("random", "zero", "outliers"), 20, seed=8)
     status = torch.zeros(3, dtype=torch.int32)
     band = check_similar_band(a, 8, panel="persistent", status=status)

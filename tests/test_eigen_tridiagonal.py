@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from nerve_plugin.eigen.tridiagonal import (MAX_ITERS_NEWTON, _launch, _scaled_problem,
-                                            tridiagonal_eigvalsh)
+from nerve_plugin.eigen.tridiagonal import MAX_ITERS_NEWTON, _launch, _scaled_problem, tridiagonal_eigvalsh
 
 EPS = torch.finfo(torch.float64).eps
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # the interpreter evaluates the kernel with numpy, which warns where the GPU silently produces inf or NaN in the
 # Newton estimate (at an exact eigenvalue, for instance); those estimates are discarded by design
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
+]
 
 
 def dense(d, e):
@@ -161,7 +162,7 @@ def test_power_of_two_scaling_is_exact():
     d, e = random_tridiagonal(1, 12, seed=5)
     base = tridiagonal_eigvalsh(d, e, block=16)
     for power in (-600, 600):
-        factor = 2.0 ** power
+        factor = 2.0**power
         assert torch.equal(tridiagonal_eigvalsh(d * factor, e * factor, block=16), base * factor)
 
 

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import hook_count, read_jsonl
 from nerve_plugin import NerveLoop
+from reference import js, of_rows
 
 VOCAB, BLOCK_SIZE, N_EMBD, N_HEAD, N_LAYER = 64, 16, 16, 4, 2
 BATCH, GRAD_ACCUM, STEPS, LOG_FREQ = 4, 2, 4, 2
@@ -57,12 +59,14 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self):
         super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(VOCAB, N_EMBD),
-            wpe=nn.Embedding(BLOCK_SIZE, N_EMBD),
-            h=nn.ModuleList(Block() for _ in range(N_LAYER)),
-            ln_f=nn.LayerNorm(N_EMBD),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(VOCAB, N_EMBD),
+                wpe=nn.Embedding(BLOCK_SIZE, N_EMBD),
+                h=nn.ModuleList(Block() for _ in range(N_LAYER)),
+                ln_f=nn.LayerNorm(N_EMBD),
+            )
+        )
         self.lm_head = nn.Linear(N_EMBD, VOCAB, bias=False)
 
     def forward(self, idx, targets):
@@ -89,8 +93,18 @@ def train(tmp_path=None, monitored=False):
     torch.manual_seed(0)
     model = GPT()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    nerve = NerveLoop(model, blocks="transformer.h", up="mlp.c_fc", down="mlp.c_proj", log_freq=LOG_FREQ,
-                      jsonl=str(tmp_path / "nerve.jsonl")) if monitored else None
+    nerve = (
+        NerveLoop(
+            model,
+            blocks="transformer.h",
+            up="mlp.c_fc",
+            down="mlp.c_proj",
+            log_freq=LOG_FREQ,
+            jsonl=str(tmp_path / "nerve.jsonl"),
+        )
+        if monitored
+        else None
+    )
 
     seen = {}  # (step, layer, tap) -> [float64 rows]
     capture = {"step": None}
@@ -130,25 +144,8 @@ def train(tmp_path=None, monitored=False):
             records[step] = nerve.end_step(step)
     if nerve:
         assert nerve.close() == []  # nothing pending: solves run inside end_step
-        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-        assert hooks == 2 * N_LAYER  # only the test's own
+        assert hook_count(model) == 2 * N_LAYER  # only the test's own
     return losses, grads, [p.detach().clone() for p in model.parameters()], records, seen
-
-
-def reference(rows: np.ndarray):
-    """Eigenvalues (descending, floored at 1e-12), SE, PR, EEE of the covariance of the rows, float64."""
-    centred = rows - rows.mean(axis=0)
-    cov = centred.T @ centred / (rows.shape[0] - 1)
-    eigs = np.maximum(np.linalg.eigvalsh(cov)[::-1], 1e-12)
-    p = eigs / eigs.sum()
-    d = len(p)
-    eee = np.clip(np.mean(np.cumsum(p) - np.arange(1, d + 1) / d) / 0.5, 0.0, 1.0)
-    return eigs, p, -(p * np.log(p)).sum(), eigs.sum() ** 2 / (eigs ** 2).sum(), eee
-
-
-def js(p, q):
-    m = (p + q) / 2
-    return 0.5 * (p * np.log(p / m)).sum() + 0.5 * (q * np.log(q / m)).sum()
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +165,10 @@ def test_metrics_equal_a_float64_computation_on_the_captured_activations(runs):
             for tap in ("pre", "post"):
                 rows = np.concatenate(seen[(step, record.layer, tap)])
                 assert rows.shape == (TOKENS, 4 * N_EMBD)
-                eigs, p, se, pr, eee = reference(rows)
+                ref = of_rows(rows)  # float64 numpy (tests/reference.py)
+                eigs, p, se, pr, eee = (
+                    ref[k] for k in ("eigenvalues", "p", "spectral_entropy", "participation_ratio", "eee")
+                )
                 got = getattr(record, tap)
                 assert got.tokens == TOKENS
                 np.testing.assert_allclose(got.eigenvalues, eigs, rtol=1e-9, atol=1e-12 * eigs[0])
@@ -179,7 +179,7 @@ def test_metrics_equal_a_float64_computation_on_the_captured_activations(runs):
             assert record.js == pytest.approx(js(spectra["pre"], spectra["post"]), rel=1e-8)
             assert record.js > 1e-3  # GELU reshapes the spectrum: a real divergence, not a trivial 0
 
-    written = [json.loads(line) for line in (tmp / "nerve.jsonl").read_text().splitlines()]
+    written = read_jsonl(tmp / "nerve.jsonl")
     assert written == [json.loads(json.dumps(r.to_json())) for s in log_steps for r in records[s]]
 
 
@@ -191,10 +191,19 @@ def test_training_is_bitwise_the_same_with_the_monitor_on_and_off(runs):
     assert all(torch.equal(a, b) for a, b in zip(params_on, params_off, strict=True))
 
 
-@pytest.mark.parametrize("paths, message", [
-    (dict(blocks="transformer.blocks", up="mlp.c_fc", down="mlp.c_proj"), "no module at blocks path 'transformer.blocks'"),
-    (dict(blocks="transformer.h", up="mlp.fc", down="mlp.c_proj"), "no block under 'transformer.h' has both 'mlp.fc'"),
-])
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        (
+            dict(blocks="transformer.blocks", up="mlp.c_fc", down="mlp.c_proj"),
+            "no module at blocks path 'transformer.blocks'",
+        ),
+        (
+            dict(blocks="transformer.h", up="mlp.fc", down="mlp.c_proj"),
+            "no block under 'transformer.h' has both 'mlp.fc'",
+        ),
+    ],
+)
 def test_a_wrong_module_path_is_named_in_the_error(paths, message):
     with pytest.raises(ValueError, match=message):
         NerveLoop(GPT(), **paths)
@@ -227,8 +236,15 @@ def test_records_of_an_earlier_step_are_written_at_their_own_step(tmp_path):
 
     torch.manual_seed(0)
     model = GPT()
-    nerve = NerveLoop(model, blocks="transformer.h", up="mlp.c_fc", down="mlp.c_proj", log_freq=LOG_FREQ,
-                      jsonl=str(tmp_path / "nerve.jsonl"), tensorboard=str(tmp_path / "tb"))
+    nerve = NerveLoop(
+        model,
+        blocks="transformer.h",
+        up="mlp.c_fc",
+        down="mlp.c_proj",
+        log_freq=LOG_FREQ,
+        jsonl=str(tmp_path / "nerve.jsonl"),
+        tensorboard=str(tmp_path / "tb"),
+    )
     nerve.monitor = Deferred(nerve.monitor)
     returned = {}
     for step in range(1, STEPS + 1):
@@ -240,24 +256,31 @@ def test_records_of_an_earlier_step_are_written_at_their_own_step(tmp_path):
     assert steps == {1: [], 2: [1, 1], 3: None, 4: [2, 2], "close": [4, 4]}
 
     records = [r for k in (2, 4, "close") for r in returned[k]]
-    written = [json.loads(line) for line in (tmp_path / "nerve.jsonl").read_text().splitlines()]
+    written = read_jsonl(tmp_path / "nerve.jsonl")
     assert written == [json.loads(json.dumps(r.to_json())) for r in records]
     (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
     # EventFileLoader hands scalars back as float32 tensors
-    js = {(e.step, v.tag): v.tensor.float_val[0] for e in EventFileLoader(str(events)).Load() for v in e.summary.value
-          if v.tag.startswith("nerve/js/")}
+    js = {
+        (e.step, v.tag): v.tensor.float_val[0]
+        for e in EventFileLoader(str(events)).Load()
+        for v in e.summary.value
+        if v.tag.startswith("nerve/js/")
+    }
     assert js == pytest.approx({(r.step, f"nerve/js/layer_{r.layer:03d}"): r.js for r in records}, rel=1e-6)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"layers": [99]}, "[nerve] layers = [99] is not allowed: expected indices of the model's"),
-    ({"log_freq": float("nan")}, "[nerve] log_freq = nan is not allowed: expected an integer >= 1"),
-    ({"log_freq": 2.5}, "[nerve] log_freq = 2.5 is not allowed: expected an integer >= 1"),
-    ({"log_freq": True}, "[nerve] log_freq = True is not allowed: expected an integer >= 1"),
-    ({"max_overhead": 5.0}, "[nerve] max_overhead = 5.0 is not allowed: expected a fraction in [0, 1)"),
-    ({"taps": ("pre", "middle")}, "[nerve] taps = ('pre', 'middle') is not allowed: expected distinct values"),
-    ({"max_layers_per_step": -1}, "[nerve] max_layers_per_step = -1 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"layers": [99]}, "[nerve] layers = [99] is not allowed: expected indices of the model's"),
+        ({"log_freq": float("nan")}, "[nerve] log_freq = nan is not allowed: expected an integer >= 1"),
+        ({"log_freq": 2.5}, "[nerve] log_freq = 2.5 is not allowed: expected an integer >= 1"),
+        ({"log_freq": True}, "[nerve] log_freq = True is not allowed: expected an integer >= 1"),
+        ({"max_overhead": 5.0}, "[nerve] max_overhead = 5.0 is not allowed: expected a fraction in [0, 1)"),
+        ({"taps": ("pre", "middle")}, "[nerve] taps = ('pre', 'middle') is not allowed: expected distinct values"),
+        ({"max_layers_per_step": -1}, "[nerve] max_layers_per_step = -1 is not allowed"),
+    ],
+)
 def test_nerve_loop_refuses_what_the_toml_refuses(options, message):
     # these used to pass: layers=[99] measured nothing, log_freq=nan logged step 1 only, 2.5 logged 1 and 5
     kwargs = {"blocks": "transformer.h", "up": "mlp.c_fc", "down": "mlp.c_proj", "log_freq": 10, **options}
@@ -301,7 +324,7 @@ def test_a_failing_writer_is_reported_once_and_training_goes_on(tmp_path, caplog
                 logged.append(step)
         nerve.close()
     if where == "a full disk":  # step 1 went in; step 2's half line was cut off again
-        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1] * N_LAYER
+        assert [r["step"] for r in read_jsonl(path)] == [1] * N_LAYER
     assert logged == [1, 2, 4]  # the monitor kept measuring; only the writing stopped
     failures = [r for r in caplog.records if "nerve stops writing there" in r.getMessage()]
     assert len(failures) == 1 and str(path) in failures[0].getMessage()

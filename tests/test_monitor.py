@@ -1,7 +1,7 @@
 """NerveMonitor's step lifecycle: overlapped solves, layer rotation, hooks only where needed, faults, memory.
 
 References are independent: activations captured by the test's own hooks, float64 numpy covariance and
-eigenvalues, the metric formulas written out here.
+eigenvalues, the metric formulas written out in tests/reference.py.
 """
 
 import json
@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import read_jsonl
 import nerve_plugin.solve as solve_module
 from nerve_plugin.monitor import MonitorConfig, NerveMonitor
 from nerve_plugin.writers import JsonlWriter
+from reference import covariance, eigenvalues, metrics
 from toy_model import SPEC, ToyModel
 
 DIM, HIDDEN, LAYERS = 8, 12, 5
@@ -37,7 +39,9 @@ def reference(model, step):
     handles = []
     for i, block in enumerate(model.layers):
         handles.append(block.w1.register_forward_hook(lambda m, a, o, i=i: seen.setdefault((i, "pre"), []).append(o)))
-        handles.append(block.w2.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault((i, "post"), []).append(a[0])))
+        handles.append(
+            block.w2.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault((i, "post"), []).append(a[0]))
+        )
     with torch.no_grad():
         for x in batches(step):
             model(x)
@@ -48,19 +52,8 @@ def reference(model, step):
         x = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks]).numpy().astype(np.float64)
         if not np.isfinite(x).all():
             continue
-        cov = np.cov(x, rowvar=False)
-        eigs = np.clip(np.sort(np.linalg.eigvalsh(cov))[::-1], 1e-12, None)
-        out[key] = (x.shape[0], eigs)
+        out[key] = (x.shape[0], eigenvalues(covariance(x)))
     return out
-
-
-def metrics(eigs):
-    p = eigs / eigs.sum()
-    d = len(p)
-    se = -(p * np.log(p)).sum()
-    pr = eigs.sum() ** 2 / (eigs**2).sum()
-    eee = np.clip((np.cumsum(p) - np.arange(1, d + 1) / d).mean() / 0.5, 0, 1)
-    return se, pr, eee
 
 
 def train(model, monitor, steps, flush_at=()):
@@ -85,18 +78,22 @@ def assert_matches(record, ref, rel=1e-10):
         tokens, eigs = ref[(record.layer, tap)]
         assert result.tokens == tokens and result.status == "ok"
         np.testing.assert_allclose(result.eigenvalues, eigs, rtol=rel, atol=1e-12)
-        se, pr, eee = metrics(eigs)
-        assert result.spectral_entropy == pytest.approx(se, rel=rel)
-        assert result.participation_ratio == pytest.approx(pr, rel=rel)
-        assert result.eee == pytest.approx(eee, rel=rel, abs=1e-12)
+        want = metrics(eigs)
+        assert result.spectral_entropy == pytest.approx(want["spectral_entropy"], rel=rel)
+        assert result.participation_ratio == pytest.approx(want["participation_ratio"], rel=rel)
+        assert result.eee == pytest.approx(want["eee"], rel=rel, abs=1e-12)
 
 
 def test_overlap_returns_each_step_at_the_next_logging_step_and_equals_sync():
     model = Toy().double()
     # max_overhead = 0: every layer at every logging step, whatever this machine's step times
-    sync = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve="sync", max_overhead=0)).attach(), 7)
-    overlap = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve="overlap", max_overhead=0)).attach(), 7)
-    assert sorted(sync) == sorted(overlap) == [(s, l) for s in (1, 3, 6) for l in range(LAYERS)]
+    sync = train(
+        model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve_timing="sync", max_overhead=0)).attach(), 7
+    )
+    overlap = train(
+        model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve_timing="overlap", max_overhead=0)).attach(), 7
+    )
+    assert sorted(sync) == sorted(overlap) == [(s, layer) for s in (1, 3, 6) for layer in range(LAYERS)]
     for key, (returned_at, record) in overlap.items():
         # step 1 -> at step 3, step 3 -> at step 6, step 6 -> at close
         assert returned_at == {1: 3, 3: 6, 6: "close"}[key[0]]
@@ -111,8 +108,10 @@ def test_overlap_returns_each_step_at_the_next_logging_step_and_equals_sync():
 
 def test_flush_returns_pending_before_a_checkpoint():
     model = Toy().double()
-    got = train(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=2, solve="overlap")).attach(), 4, flush_at=(2,))
-    assert {key: at for key, (at, _) in got.items() if key[0] == 2} == {(2, l): 2 for l in range(LAYERS)}
+    got = train(
+        model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=2, solve_timing="overlap")).attach(), 4, flush_at=(2,)
+    )
+    assert {key: at for key, (at, _) in got.items() if key[0] == 2} == {(2, layer): 2 for layer in range(LAYERS)}
 
 
 @pytest.mark.parametrize("cap", [2, 3])
@@ -124,7 +123,7 @@ def test_rotation_measures_windows_of_layers_by_step(cap):
     got = train(model, monitor, 2 * windows)
     seen_layers = set()
     for step in range(1, 2 * windows + 1):
-        layers = sorted(l for (s, l) in got if s == step)
+        layers = sorted(layer for (s, layer) in got if s == step)
         index = 0 if step == 1 else step
         # windows of `cap` layers, one after the other, wrapping round the end: a function of the step
         assert layers == sorted((index * cap + i) % LAYERS for i in range(cap))
@@ -227,7 +226,7 @@ def test_jsonl_truncate_from_drops_stale_steps(tmp_path):
     lines = [json.dumps({"step": s, "layer": 0}) for s in (1, 2, 3, 4)]
     path.write_text("\n".join(lines) + "\n" + '{"step": 5, "lay')  # the last line cut by a crash
     JsonlWriter(str(path)).truncate_from(3)
-    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2]
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
 
 
 def test_due_solves_still_queued_are_taken_over_by_the_caller(monkeypatch):
@@ -359,7 +358,11 @@ def test_the_memory_hint_names_a_layer_count_that_fits():
         budget = working + budget_layers * per_layer + per_layer / 2
         fits = monitor.layers_that_fit(budget, "cpu")
         assert fits == budget_layers
-        assert monitor.buffer_bytes("cpu", layers_at_once=fits) <= budget < monitor.buffer_bytes("cpu", layers_at_once=fits + 1)
+        assert (
+            monitor.buffer_bytes("cpu", layers_at_once=fits)
+            <= budget
+            < monitor.buffer_bytes("cpu", layers_at_once=fits + 1)
+        )
     assert monitor.layers_that_fit(working / 2, "cpu") == 0
 
 
@@ -385,7 +388,7 @@ def test_a_fresh_run_keeps_an_earlier_attempts_records_aside(tmp_path):
     aside = writer.start_fresh()
     writer.write(1, [_record(1)])
     assert open(aside).read() == stale
-    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "layer": 0, "js": 0.5}]
+    assert read_jsonl(path) == [{"step": 1, "layer": 0, "js": 0.5}]
     assert JsonlWriter(str(tmp_path / "none.jsonl")).start_fresh() is None
 
 
@@ -401,7 +404,7 @@ def _one_logging_step(model, monitor, tokens):
 @pytest.mark.parametrize("solve", ["sync", "overlap"])
 def test_a_layer_of_fewer_than_two_tokens_gets_a_status_not_numbers(solve):
     model = Toy().double()
-    got = _one_logging_step(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=1, solve=solve)).attach(), 1)
+    got = _one_logging_step(model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=1, solve_timing=solve)).attach(), 1)
     assert sorted(got) == list(range(LAYERS))  # every layer has its record, none is dropped silently
     for record in got.values():
         for tap in ("pre", "post"):

@@ -12,7 +12,6 @@ rank of four with no rows at all.
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import free_port
 from nerve_plugin.muon import Muon, adjusted_lr, hidden_matrix_names, newton_schulz, split_params
 
 STEPS = 6
@@ -55,16 +55,29 @@ CONFIGS = [
     dict(nesterov=True, adjust_lr_fn="match_rms_adamw", weight_decay=0.1, bucket_mb=0, foreach=True),
     dict(nesterov=False, adjust_lr_fn="original", weight_decay=0.05, bucket_mb=0.001, foreach=False),
     # float32 Newton-Schulz has no torch counterpart: the reference is this optimizer on the unsharded model.
-    dict(nesterov=True, adjust_lr_fn="match_rms_adamw", weight_decay=0.1, bucket_mb=0, foreach=True,
-         ns_dtype=torch.float32),
+    dict(
+        nesterov=True,
+        adjust_lr_fn="match_rms_adamw",
+        weight_decay=0.1,
+        bucket_mb=0,
+        foreach=True,
+        ns_dtype=torch.float32,
+    ),
 ]
 
 
 def make_optimizer(model, cfg):
     adamw = {"betas": (0.9, 0.95), "eps": 1e-8, "foreach": cfg["foreach"], "fused": cfg.get("fused")}
-    return Muon(split_params(model), lr=0.01, weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"],
-                adjust_lr_fn=cfg["adjust_lr_fn"], adamw=adamw, bucket_mb=cfg["bucket_mb"],
-                ns_dtype=cfg.get("ns_dtype", torch.bfloat16))
+    return Muon(
+        split_params(model),
+        lr=0.01,
+        weight_decay=cfg["weight_decay"],
+        nesterov=cfg["nesterov"],
+        adjust_lr_fn=cfg["adjust_lr_fn"],
+        adamw=adamw,
+        bucket_mb=cfg["bucket_mb"],
+        ns_dtype=cfg.get("ns_dtype", torch.bfloat16),
+    )
 
 
 class Reference:
@@ -77,10 +90,22 @@ class Reference:
         else:
             groups = split_params(model)
             self.optimizers = [
-                torch.optim.Muon(groups[0]["params"], lr=0.01, weight_decay=cfg["weight_decay"],
-                                 nesterov=cfg["nesterov"], adjust_lr_fn=cfg["adjust_lr_fn"]),
-                torch.optim.AdamW(groups[1]["params"], lr=0.01, weight_decay=cfg["weight_decay"],
-                                  betas=(0.9, 0.95), eps=1e-8, foreach=cfg["foreach"], fused=cfg.get("fused")),
+                torch.optim.Muon(
+                    groups[0]["params"],
+                    lr=0.01,
+                    weight_decay=cfg["weight_decay"],
+                    nesterov=cfg["nesterov"],
+                    adjust_lr_fn=cfg["adjust_lr_fn"],
+                ),
+                torch.optim.AdamW(
+                    groups[1]["params"],
+                    lr=0.01,
+                    weight_decay=cfg["weight_decay"],
+                    betas=(0.9, 0.95),
+                    eps=1e-8,
+                    foreach=cfg["foreach"],
+                    fused=cfg.get("fused"),
+                ),
             ]
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda) for o in self.optimizers]
 
@@ -208,12 +233,6 @@ class CountCollectives(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, mesh_shapes, checkpoint_dir):
     torch.set_num_threads(1)  # ranks share the cores; the reference runs in this very process
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -333,6 +352,6 @@ def test_fsdp_matches_torch_muon_and_adamw_bitwise(layout, tmp_path):
     world, mesh_shapes = LAYOUTS[layout]
     checkpoint_dir = str(tmp_path / "checkpoint") if "checkpoint" in layout else ""
     if world == 1:  # no need for a process of its own
-        _worker(0, 1, _free_port(), mesh_shapes, checkpoint_dir)
+        _worker(0, 1, free_port(), mesh_shapes, checkpoint_dir)
         return
-    mp.spawn(_worker, args=(world, _free_port(), mesh_shapes, checkpoint_dir), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), mesh_shapes, checkpoint_dir), nprocs=world, join=True)

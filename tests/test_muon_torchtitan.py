@@ -5,7 +5,6 @@ config module holding both ``[nerve]`` and ``[muon]`` (nerve's own, once it has 
 """
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -14,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import read_jsonl
 from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, read_metrics, run_torchtitan
 
 # Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
@@ -67,18 +67,21 @@ def modules(tmp_path_factory):
 
 
 def muon_job(tmp_path, overrides=None):
-    cfg = merge(base_config(tmp_path), {
-        "experimental": {"custom_import": "tt_muon"},
-        "job": {"custom_config_module": config_module()},
-        "model": {"name": SPEC},
-        "training": {"steps": STEPS},
-        "optimizer": {"name": "Muon", "lr": 3e-3},
-        # float32 Newton-Schulz: bf16 matmuls are ~40x slower on this kind of CPU (tests/test_muon.py checks the
-        # bf16 default bitwise against torch.optim.Muon)
-        "muon": {"momentum": 0.9, "adjust_lr": "match_rms_adamw", "ns_dtype": "float32"},
-        "parallelism": {"data_parallel_shard_degree": 2},
-        "nerve": {"enable": True, "log_freq": 3},
-    })
+    cfg = merge(
+        base_config(tmp_path),
+        {
+            "experimental": {"custom_import": "tt_muon"},
+            "job": {"custom_config_module": config_module()},
+            "model": {"name": SPEC},
+            "training": {"steps": STEPS},
+            "optimizer": {"name": "Muon", "lr": 3e-3},
+            # float32 Newton-Schulz: bf16 matmuls are ~40x slower on this kind of CPU (tests/test_muon.py checks the
+            # bf16 default bitwise against torch.optim.Muon)
+            "muon": {"momentum": 0.9, "adjust_lr": "match_rms_adamw", "ns_dtype": "float32"},
+            "parallelism": {"data_parallel_shard_degree": 2},
+            "nerve": {"enable": True, "log_freq": 3},
+        },
+    )
     return merge(cfg, overrides or {})
 
 
@@ -96,25 +99,34 @@ def test_fsdp_training_with_muon_learns_and_resumes_bitwise(modules, tmp_path):
     assert all(math.isfinite(x) for x in losses), losses
     assert losses[-1] < losses[0] - 0.1, losses  # synthetic tokens: it learns their unigram statistics
     jsonl = Path(full["job"]["dump_folder"]) / "nerve" / "metrics.jsonl"
-    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    records = read_jsonl(jsonl)
     assert sorted({r["step"] for r in records}) == [1, 3, 6]
 
     # torchtitan's checkpointer saves and loads both optimizer states (DCP, flattened keys): a job resuming from
     # step 3 trains steps 4-6 exactly as the uninterrupted one did.
     resumed = muon_job(tmp_path / "resumed", checkpoint)
-    shutil.copytree(Path(full["job"]["dump_folder"]) / "checkpoint" / "step-3",
-                    Path(resumed["job"]["dump_folder"]) / "checkpoint" / "step-3")
+    shutil.copytree(
+        Path(full["job"]["dump_folder"]) / "checkpoint" / "step-3",
+        Path(resumed["job"]["dump_folder"]) / "checkpoint" / "step-3",
+    )
     run_torchtitan(tmp_path / "resumed", resumed, nproc=2, env=modules)
     assert read_metrics(resumed)[0] == metrics[0][3:]  # float repr round-trips: bitwise loss and grad norm
 
 
 def test_pipeline_parallel_steps_each_stage_with_its_own_muon(modules, tmp_path):
-    cfg = muon_job(tmp_path, {
-        "training": {"steps": 4},
-        "parallelism": {"data_parallel_shard_degree": 1, "pipeline_parallel_degree": 2,
-                        "pipeline_parallel_schedule": "1F1B", "pipeline_parallel_microbatch_size": 1},
-        "nerve": {"enable": False},
-    })
+    cfg = muon_job(
+        tmp_path,
+        {
+            "training": {"steps": 4},
+            "parallelism": {
+                "data_parallel_shard_degree": 1,
+                "pipeline_parallel_degree": 2,
+                "pipeline_parallel_schedule": "1F1B",
+                "pipeline_parallel_microbatch_size": 1,
+            },
+            "nerve": {"enable": False},
+        },
+    )
     proc = run_torchtitan(tmp_path, cfg, nproc=2, env=modules)
     # Each stage holds its own blocks (3 of the 6, 7 matrices each), unsharded: no collective.
     assert proc.stdout.count("21 matrices") == 2 and "0 all-to-alls per step" in proc.stdout

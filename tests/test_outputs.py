@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import read_jsonl
 from nerve_plugin import NerveLoop
 from nerve_plugin.writers import JsonlWriter, NerveOutputError
 from toy_model import ToyModel
@@ -40,7 +41,7 @@ def train(nerve, steps):
 
 
 def keys(path) -> Counter:
-    return Counter((r["step"], r["layer"]) for r in map(json.loads, Path(path).read_text().splitlines()))
+    return Counter((r["step"], r["layer"]) for r in read_jsonl(path))
 
 
 # -- start-up ---------------------------------------------------------------------------------------------------
@@ -75,8 +76,10 @@ def test_an_unwritable_jsonl_stops_at_start_up_naming_the_path(tmp_path, where):
 
 def _hold(path: Path) -> subprocess.Popen:
     """Another run writing `path`: a process holding nerve's lock on it, until killed."""
-    code = ("import sys, time; from nerve_plugin.writers import open_jsonl; lock = open_jsonl(sys.argv[1]); "
-            "print('held', flush=True); time.sleep(120)")
+    code = (
+        "import sys, time; from nerve_plugin.writers import open_jsonl; lock = open_jsonl(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(120)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, env=ENV)
     ready, _, _ = select.select([holder.stdout], [], [], 60)
     assert ready and holder.stdout.readline().strip() == "held"
@@ -90,7 +93,9 @@ def test_a_second_run_on_one_jsonl_is_refused_and_a_dead_runs_lock_is_not(tmp_pa
         with pytest.raises(NerveOutputError) as error:
             loop(path)
         assert str(error.value).startswith(
-            f"nerve: another run is writing {path.parent} (pid {holder.pid} on host {socket.gethostname()}, lock {path}.lock)")
+            f"nerve: another run is writing {path.parent} (pid {holder.pid} on host {socket.gethostname()}, "
+            f"lock {path}.lock)"
+        )
     finally:
         holder.kill()  # SIGKILL: no clean-up ran, its pid is still in the lock file
         holder.wait(timeout=30)
@@ -98,7 +103,7 @@ def test_a_second_run_on_one_jsonl_is_refused_and_a_dead_runs_lock_is_not(tmp_pa
     nerve = loop(path)
     assert train(nerve, 2) == [1, 2]
     nerve.close()
-    assert keys(path) == Counter({(s, l): 1 for s in (1, 2) for l in range(3)})
+    assert keys(path) == Counter({(s, layer): 1 for s in (1, 2) for layer in range(3)})
 
 
 def test_a_second_loop_in_one_process_waits_for_the_first_to_close(tmp_path):
@@ -119,14 +124,19 @@ def test_on_error_raise_stops_at_the_failing_write(tmp_path):
     path.mkdir()  # after start-up: the folder was fine then
     nerve.begin_step(1)
     nerve.monitor.parts[0](torch.randn(4, 16, 8)).sum().backward()
-    with pytest.raises(NerveOutputError, match=rf"nerve: writing step 1 to {path} failed \(IsADirectoryError.*"
-                                               r"on_error = 'raise' stops the run"):
+    with pytest.raises(
+        NerveOutputError,
+        match=rf"nerve: writing step 1 to {path} failed \(IsADirectoryError.*"
+        r"on_error = 'raise' stops the run",
+    ):
         nerve.end_step(1)
     nerve.close()
 
 
 def test_nerve_loop_refuses_an_unknown_on_error():
-    with pytest.raises(ValueError, match=r"^\[nerve\] on_error = 'ignore' is not allowed: expected one of 'warn', 'raise'$"):
+    with pytest.raises(
+        ValueError, match=r"^\[nerve\] on_error = 'ignore' is not allowed: expected one of 'warn', 'raise'$"
+    ):
         loop("unused.jsonl", on_error="ignore")
 
 
@@ -156,8 +166,9 @@ def test_a_disk_that_fills_up_mid_line_leaves_whole_lines(tmp_path):
     # a file-size limit is a full disk the kernel enforces byte-exactly (root included): the write takes what
     # fits, then fails; a buffered file kept the rest and wrote it after the cut, leaving half a record
     path = tmp_path / "m.jsonl"
-    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(path)], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(path)], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "error"
     assert keys(path) == Counter({(1, 0): 1, (1, 1): 1, (1, 2): 1, (3, 0): 1})
@@ -181,12 +192,18 @@ def test_the_resume_rewrite_uses_a_temporary_file_of_its_own(tmp_path):
 def stopped(tmp_path, mode):
     """(returncode, stdout, JSONL keys) of tests/loop_signals.py in ``mode``."""
     path = tmp_path / f"{mode}.jsonl"
-    proc = subprocess.run([sys.executable, str(TESTS_DIR / "loop_signals.py"), str(path), mode], env=ENV,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(TESTS_DIR / "loop_signals.py"), str(path), mode],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
     return proc.returncode, proc.stdout, keys(path)
 
 
-BOTH_STEPS = Counter({(s, l): 1 for s in (1, 2) for l in range(3)})  # step 2 was solved in memory only
+BOTH_STEPS = Counter({(s, layer): 1 for s in (1, 2) for layer in range(3)})  # step 2 was solved in memory only
 
 
 def test_sigterm_writes_what_is_solved_and_still_stops_the_process(tmp_path):

@@ -8,7 +8,6 @@ same numbers, bit for bit: nerve's JSONL, and the exact loss and grad norm of ev
 """
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torchtitan
+import helpers
 from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, read_metrics, run_torchtitan
 
 # Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
@@ -42,8 +42,13 @@ print(f"patch-test torchtitan={torchtitan.__file__} main={sys.modules['__main__'
 
 
 def git(cwd, *args) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"git {' '.join(args)}: {proc.stdout}{proc.stderr}"
     return proc.stdout
@@ -69,8 +74,11 @@ def fork(tmp_path_factory):
 
 def test_patches_target_the_pristine_files_named_in_the_readme(fork):
     assert [p.name[:4] for p in PATCHES] == ["0001", "0002"]
-    listed = dict(re.findall(r"^\| `(torchtitan/[^`]+)` \| `([0-9a-f]{64})` \|", (PATCH_DIR / "README.md").read_text(),
-                             flags=re.M))
+    listed = dict(
+        re.findall(
+            r"^\| `(torchtitan/[^`]+)` \| `([0-9a-f]{64})` \|", (PATCH_DIR / "README.md").read_text(), flags=re.M
+        )
+    )
     touched = sorted({f for p in PATCHES for f in touched_files(p)})
     assert sorted(listed) == touched
     for path, digest in listed.items():
@@ -83,19 +91,21 @@ def test_patches_target_the_pristine_files_named_in_the_readme(fork):
 
 def job(tmp_path) -> dict:
     """FSDP over 2 ranks, NerVE at both steps, Muon (float32 Newton-Schulz: bf16 matmuls crawl on CPUs)."""
-    return merge(base_config(tmp_path), {
-        "training": {"steps": 2},
-        "parallelism": {"data_parallel_shard_degree": 2},
-        "optimizer": {"name": "Muon", "lr": 3e-3},
-        "muon": {"ns_dtype": "float32"},
-        # the synthetic spec's name has no built-in tap spec; its blocks are llama3's
-        "nerve": {"enable": True, "log_freq": 1, "spec": "llama3"},
-    })
+    return merge(
+        base_config(tmp_path),
+        {
+            "training": {"steps": 2},
+            "parallelism": {"data_parallel_shard_degree": 2},
+            "optimizer": {"name": "Muon", "lr": 3e-3},
+            "muon": {"ns_dtype": "float32"},
+            # the synthetic spec's name has no built-in tap spec; its blocks are llama3's
+            "nerve": {"enable": True, "log_freq": 1, "spec": "llama3"},
+        },
+    )
 
 
 def read_jsonl(cfg) -> list[dict]:
-    path = Path(cfg["job"]["dump_folder"]) / "nerve" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return helpers.read_jsonl(Path(cfg["job"]["dump_folder"]) / "nerve" / "metrics.jsonl")
 
 
 def test_patched_trainer_logs_exactly_what_the_plugin_route_logs(fork, tmp_path):
@@ -104,11 +114,14 @@ def test_patched_trainer_logs_exactly_what_the_plugin_route_logs(fork, tmp_path)
     env = {"PYTHONPATH": os.pathsep.join(map(str, (fork, REPO_ROOT, TESTS_DIR)))}
     log = run_torchtitan(tmp_path / "patched", patched, nproc=2, env=env).stdout
 
-    plugin = merge(job(tmp_path / "plugin"), {
-        "experimental": {"custom_import": "tt_nerve"},
-        "job": {"custom_config_module": "nerve_plugin.torchtitan.config"},
-        "model": {"name": "nerve_test_llama3_nerve"},
-    })
+    plugin = merge(
+        job(tmp_path / "plugin"),
+        {
+            "experimental": {"custom_import": "tt_nerve"},
+            "job": {"custom_config_module": "nerve_plugin.torchtitan.config"},
+            "model": {"name": "nerve_test_llama3_nerve"},
+        },
+    )
     run_torchtitan(tmp_path / "plugin", plugin, nproc=2)
 
     # Both ranks ran the patched tree, started as its train.py.
@@ -120,7 +133,7 @@ def test_patched_trainer_logs_exactly_what_the_plugin_route_logs(fork, tmp_path)
     assert "Muon (model part 0)" in log
 
     records = read_jsonl(patched)
-    assert [(r["step"], r["layer"]) for r in records] == [(s, l) for s in (1, 2) for l in range(N_LAYERS)]
+    assert [(r["step"], r["layer"]) for r in records] == [(s, layer) for s in (1, 2) for layer in range(N_LAYERS)]
     assert records == read_jsonl(plugin)  # every metric and spectrum point, exactly
     metrics = read_metrics(patched)
     assert [m["step"] for m in metrics[0]] == [1, 2]

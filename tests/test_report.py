@@ -42,7 +42,7 @@ def spectrum(step: int, layer: int, tap: str) -> dict:
     d = DIM[tap]
     ranks = sorted({int(round(r)) for r in np.geomspace(1, d, num=16)})
     alpha = 0.5 + 0.2 * layer + (0.3 if tap == "post" else 0.0) + step / 100
-    return {"rank": ranks, "eigenvalue": [float(r ** -alpha) for r in ranks]}
+    return {"rank": ranks, "eigenvalue": [float(r**-alpha) for r in ranks]}
 
 
 def expected(key: str, step: int, layer: int) -> float:
@@ -59,8 +59,12 @@ def expected(key: str, step: int, layer: int) -> float:
 def record(step: int, layer: int) -> dict:
     out = {"step": step, "layer": layer, "fallback": False}  # a field the report does not know
     for tap in ("pre", "post"):
-        out[tap] = {"tokens": TOKENS, "dim": DIM[tap], "spectrum": spectrum(step, layer, tap),
-                    **{m: metric(m, tap, step, layer) for m in METRICS}}
+        out[tap] = {
+            "tokens": TOKENS,
+            "dim": DIM[tap],
+            "spectrum": spectrum(step, layer, tap),
+            **{m: metric(m, tap, step, layer) for m in METRICS},
+        }
     out["js"] = js(step, layer)
     if (step, layer) == FAILED:
         out["pre"].update({m: None for m in METRICS}, status="nonfinite", spectrum={"rank": [], "eigenvalue": []})
@@ -131,12 +135,37 @@ def test_embedded_values_are_the_input_and_the_repeat_keeps_the_last(report):
 
 def test_heatmap_cells_have_the_colour_of_their_value_and_gaps_are_transparent(report):
     _, html = report
-    anchors = {"viridis": ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58",
-                           "#b5de2b", "#fde725"],
-               "diverging": ["#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582", "#d6604d",
-                             "#b2182b"]}
-    figures = re.findall(r'<svg class="figure heatmap"[^>]*data-key="([^"]+)"[^>]*data-plot="([^"]+)"[^>]*>.*?'
-                         r'href="data:image/png;base64,([^"]+)"', html, re.S)
+    anchors = {
+        "viridis": [
+            "#440154",
+            "#482878",
+            "#3e4989",
+            "#31688e",
+            "#26828e",
+            "#1f9e89",
+            "#35b779",
+            "#6ece58",
+            "#b5de2b",
+            "#fde725",
+        ],
+        "diverging": [
+            "#2166ac",
+            "#4393c3",
+            "#92c5de",
+            "#d1e5f0",
+            "#f7f7f7",
+            "#fddbc7",
+            "#f4a582",
+            "#d6604d",
+            "#b2182b",
+        ],
+    }
+    figures = re.findall(
+        r'<svg class="figure heatmap"[^>]*data-key="([^"]+)"[^>]*data-plot="([^"]+)"[^>]*>.*?'
+        r'href="data:image/png;base64,([^"]+)"',
+        html,
+        re.S,
+    )
     assert sorted(k for k, _, _ in figures) == sorted(HEATMAPS)
     for key, plot, png in figures:
         _, _, width, height = map(int, plot.split())
@@ -148,8 +177,13 @@ def test_heatmap_cells_have_the_colour_of_their_value_and_gaps_are_transparent(r
             lo, hi, colours = -bound, bound, anchors["diverging"]
         else:  # pre and post of a metric share one scale
             name = key.rsplit("_", 1)[0]
-            both = cells if key == "js" else np.array(
-                [[[expected(f"{name}_{t}", s, layer) for s in STEPS] for layer in LAYERS] for t in ("pre", "post")])
+            both = (
+                cells
+                if key == "js"
+                else np.array(
+                    [[[expected(f"{name}_{t}", s, layer) for s in STEPS] for layer in LAYERS] for t in ("pre", "post")]
+                )
+            )
             lo, hi, colours = np.nanmin(both), np.nanmax(both), anchors["viridis"]
         for i in range(len(LAYERS)):
             for j in range(len(STEPS)):
@@ -159,7 +193,7 @@ def test_heatmap_cells_have_the_colour_of_their_value_and_gaps_are_transparent(r
                     continue
                 t = (cells[i, j] - lo) / (hi - lo) * (len(colours) - 1)
                 k = min(int(t), len(colours) - 2)
-                a, b = (np.array([int(c[n:n + 2], 16) for n in (1, 3, 5)]) for c in colours[k:k + 2])
+                a, b = (np.array([int(c[n : n + 2], 16) for n in (1, 3, 5)]) for c in colours[k : k + 2])
                 want = a + (b - a) * (t - k)
                 assert pixel[3] == 255 and np.abs(pixel[:3] - want).max() <= 1, (key, i, j, pixel, want)
 
@@ -171,7 +205,10 @@ def test_header_states_the_run_facts(report):
     assert facts["layers"] == "4: 0, 1, 2, 3"
     assert (facts["dim pre"], facts["dim post"]) == ("48", "32")
     assert facts["tokens pre (per step)"] == facts["tokens post (per step)"] == str(TOKENS)
-    assert facts["records"] == "16 (1 repeated (step, layer) records replaced by the later one); 1 unreadable lines skipped"
+    assert (
+        facts["records"]
+        == "16 (1 repeated (step, layer) records replaced by the later one); 1 unreadable lines skipped"
+    )
     assert "spectral entropy pre: 1" in facts["missing values"] and "eee post: 1" in facts["missing values"]
     assert "js: 1" in facts["missing values"] and "status nonfinite: 1" in facts["missing values"]
     assert facts["loss"].startswith(f"{np.float32(loss(1)):.4g} at step 1 \u2192 {np.float32(loss(15)):.4g} at step 15")
@@ -232,12 +269,22 @@ def test_bad_choices_name_what_is_allowed(tmp_path, capsys):
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
+@pytest.mark.slow  # a browser start (~5 s)
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium: apt-get install chromium (.ci/run does)")
 def test_renders_in_headless_chromium_with_every_figure(report, tmp_path):
     folder, html = report
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = (folder / "report.html").as_uri()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=60).stdout
     # the script ran and parsed the page's data
@@ -245,22 +292,36 @@ def test_renders_in_headless_chromium_with_every_figure(report, tmp_path):
     ready = int(re.search(r'data-ready="(\d+)"', dom)[1])
     assert ready == len(HEATMAPS)  # the tooltip script found every heatmap and its values
     titles = svg_titles(dom)
-    want = [f"{n}, {t}" for n in ("Spectral entropy (SE)", "Participation ratio (PR)", "Eigenvalue early enrichment (EEE)")
-            for t in ("pre", "post", "post \u2212 pre")]
+    want = [
+        f"{n}, {t}"
+        for n in ("Spectral entropy (SE)", "Participation ratio (PR)", "Eigenvalue early enrichment (EEE)")
+        for t in ("pre", "post", "post \u2212 pre")
+    ]
     want += ["JS divergence (pre \u2016 post)", "Training loss (TensorBoard loss_metrics/global_avg_loss)"]
-    want += [f"{n} over steps" for n in ("Spectral entropy (SE)", "Participation ratio (PR)",
-                                         "Eigenvalue early enrichment (EEE)", "JS divergence (JS)")]
+    want += [
+        f"{n} over steps"
+        for n in (
+            "Spectral entropy (SE)",
+            "Participation ratio (PR)",
+            "Eigenvalue early enrichment (EEE)",
+            "JS divergence (JS)",
+        )
+    ]
     want += [f"Eigen-spectrum at step {s}" for s in (1, 10, 15)]
     assert sorted(titles) == sorted(want)
 
     shot = tmp_path / "shot.png"
-    subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1400,3000", "--hide-scrollbars", url],
-                   capture_output=True, timeout=60, check=True)
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", "--window-size=1400,3000", "--hide-scrollbars", url],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     image = np.asarray(Image.open(shot).convert("RGB")).astype(np.int64)
     assert image.shape == (3000, 1400, 3)
     assert image.std() > 20  # not a blank page
     # the heatmap cells were drawn: the top of the colour scale (each map's maximum) is on screen
-    assert (np.abs(image - np.array([0xfd, 0xe7, 0x25])).max(axis=2) <= 2).sum() >= 50
+    assert (np.abs(image - np.array([0xFD, 0xE7, 0x25])).max(axis=2) <= 2).sum() >= 50
     if os.environ.get("NERVE_REPORT_SCREENSHOT"):  # to look at it
         shutil.copy(shot, os.environ["NERVE_REPORT_SCREENSHOT"])
 
@@ -287,8 +348,13 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(tmp_path, capsys
     under_a_file = tmp_path / "a_file" / "sub" / "report.html"
     assert main([jsonl, "-o", str(under_a_file)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"nerve-report: cannot write the report to {under_a_file}: Not a directory ({tmp_path / 'a_file' / 'sub'})"
+    assert (
+        err
+        == f"nerve-report: cannot write the report to {under_a_file}: Not a directory ({tmp_path / 'a_file' / 'sub'})"
+    )
     assert main([jsonl, "-o", str(folder)]) == 2  # a folder where the file should be
     err = capsys.readouterr().err.strip()
-    assert err == f"nerve-report: -o {folder} is a folder: expected the HTML file to write, e.g. {folder / 'report.html'}"
+    assert (
+        err == f"nerve-report: -o {folder} is a folder: expected the HTML file to write, e.g. {folder / 'report.html'}"
+    )
     assert "Traceback" not in err

@@ -1,13 +1,12 @@
 """Streaming covariance statistics against the two-pass float64 covariance of all rows at once."""
 
-import socket
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import free_port
 from nerve_plugin import CovarianceStats, reduce_stats
 
 TOLERANCE = 1e-6
@@ -136,16 +135,10 @@ def _gloo_worker(rank: int, port: int, accumulate_dtype: torch.dtype) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulate_dtype", [torch.float64, torch.float32])
 def test_two_rank_gloo_merge_equals_one_process(accumulate_dtype):
-    mp.spawn(_gloo_worker, args=(_free_port(), accumulate_dtype), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(free_port(), accumulate_dtype), nprocs=2, join=True)
 
 
 def test_shift_rule():

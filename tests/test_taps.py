@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import checkpoint
 
+from helpers import hook_count
 from nerve_plugin import BUILTIN_SPECS, FFNTaps, TapPoint, TapSpec, compute_covariance
 
 DIM, HIDDEN, LAYERS = 8, 24, 3
@@ -112,15 +113,12 @@ def test_taps_match_hand_computed_activations():
 def test_no_hook_until_attached_and_none_after_remove():
     model = ToyModel()
 
-    def hook_count():
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
     taps = FFNTaps(model, SPEC)
-    assert hook_count() == 0
+    assert hook_count(model) == 0
     taps.attach()
-    assert hook_count() == 2 * LAYERS
+    assert hook_count(model) == 2 * LAYERS
     taps.remove()
-    assert hook_count() == 0
+    assert hook_count(model) == 0
 
 
 def test_disarmed_forwards_are_not_counted():
@@ -140,7 +138,9 @@ def test_activation_checkpoint_recompute_is_not_counted_twice(wrap):
     xs = batches()
     reference = concat_reference(model, xs)
     for name, block in list(model.layers.named_children()):
-        model.layers[name] = checkpoint_wrapper(block) if wrap == "checkpoint_wrapper" else reentrant_checkpointed(block)
+        model.layers[name] = (
+            checkpoint_wrapper(block) if wrap == "checkpoint_wrapper" else reentrant_checkpointed(block)
+        )
     taps = FFNTaps(model, SPEC).attach()
     with taps.capturing(step=1):
         for x in xs:
@@ -150,7 +150,9 @@ def test_activation_checkpoint_recompute_is_not_counted_twice(wrap):
 
 def test_layer_selection_and_custom_spec():
     model = ToyModel(gated=False, act=F.gelu)
-    spec = TapSpec(blocks="layers", pre=TapPoint("feed_forward.w1", "output"), post=TapPoint("feed_forward.w2", "input"))
+    spec = TapSpec(
+        blocks="layers", pre=TapPoint("feed_forward.w1", "output"), post=TapPoint("feed_forward.w2", "input")
+    )
     taps = FFNTaps(model, spec, layers=[0, 2]).attach()
     xs = batches()
     with taps.capturing(step=1):
@@ -245,8 +247,14 @@ def raw_ffn_rows(model, tokens_list):
     rows, handles = {}, []
     for i, block in model.layers.items():
         ffn = block.feed_forward
-        handles.append(ffn.w1.register_forward_hook(lambda m, a, o, i=int(i): rows.setdefault((i, "pre"), []).append(o.detach())))
-        handles.append(ffn.w2.register_forward_pre_hook(lambda m, a, i=int(i): rows.setdefault((i, "post"), []).append(a[0].detach())))
+        handles.append(
+            ffn.w1.register_forward_hook(lambda m, a, o, i=int(i): rows.setdefault((i, "pre"), []).append(o.detach()))
+        )
+        handles.append(
+            ffn.w2.register_forward_pre_hook(
+                lambda m, a, i=int(i): rows.setdefault((i, "post"), []).append(a[0].detach())
+            )
+        )
     with torch.no_grad():
         for tokens in tokens_list:
             model(tokens)

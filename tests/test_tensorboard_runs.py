@@ -24,8 +24,10 @@ def points(folder, tag):
     plain.Reload()
     plugin = plugin_event_accumulator.EventAccumulator(str(folder), size_guidance={"tensors": 0})
     plugin.Reload()
-    return ([(e.step, e.value) for e in plain.Scalars(tag)],
-            [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in plugin.Tensors(tag)])
+    return (
+        [(e.step, e.value) for e in plain.Scalars(tag)],
+        [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in plugin.Tensors(tag)],
+    )
 
 
 @pytest.mark.parametrize("same_minute", [False, True])
@@ -38,10 +40,10 @@ def test_a_resume_goes_on_in_the_earlier_run_and_hides_its_stale_points(tmp_path
     old.add_scalar("nerve/js/layer_000", 0.5, 4)
     old.close()
     (root / "20250101-1100").mkdir()  # an older folder of another layout: not the one resumed
-    if same_minute:
-        # A run's event files are read in name order, which starts with their creation second (then a counter
-        # of this process, not zero-padded): the resumed job's file must be of a later second, as it is for real.
-        time.sleep(1.1)
+    # A run's event files are read in name order, which starts with their creation second (then a counter of this
+    # process, not zero-padded: 10 sorts before 9): the resumed job's file, which continue_run puts in the earlier
+    # run in both cases, must be of a later second, as it is for real (another process, started later).
+    time.sleep(1.1)
     resumed = Logger(earlier if same_minute else root / "20250101-1230" / "rank_0")  # torchtitan's new folder
 
     assert continue_run(resumed, str(root), 3) == (None if same_minute else str(earlier))
@@ -60,8 +62,12 @@ def test_a_resume_goes_on_in_the_earlier_run_and_hides_its_stale_points(tmp_path
 
 def test_earlier_run_dir_takes_the_latest_earlier_folder_of_the_same_layout(tmp_path):
     root = tmp_path / "tb"
-    for stamp, layout in (("20250101-1000", "rank_1"), ("20250101-1100", "rank_1"), ("20250101-1130", "rank_0"),
-                          ("20250101-1300", "rank_1")):
+    for stamp, layout in (
+        ("20250101-1000", "rank_1"),
+        ("20250101-1100", "rank_1"),
+        ("20250101-1130", "rank_0"),
+        ("20250101-1300", "rank_1"),
+    ):
         SummaryWriter(str(root / stamp / layout)).close()
     (root / "notes-1200").mkdir()  # not one of torchtitan's run folders
     assert earlier_run_dir(str(root / "20250101-1200" / "rank_1"), str(root)) == str(root / "20250101-1100" / "rank_1")

@@ -198,7 +198,7 @@ def test_default_corpus_is_the_stdlib():
 
 def test_stdlib_loader_is_lazy(tok):
     t0 = time.perf_counter()
-    (batch, labels), = _take(build_corpus_dataloader(1, 0, tok, _job_config(seq_len=512, local_batch_size=4)), 1)
+    ((batch, labels),) = _take(build_corpus_dataloader(1, 0, tok, _job_config(seq_len=512, local_batch_size=4)), 1)
     assert time.perf_counter() - t0 < 5  # tokenizing all 12 MB would be far slower
     assert batch["input"].shape == labels.shape == (4, 512)
 
@@ -257,8 +257,9 @@ def test_finite_loader_ends(tok, text_dir):
 def _parsed_job_config(*args):
     from torchtitan.config import ConfigManager
 
-    return ConfigManager().parse_args(["--job.custom_config_module", "nerve_plugin.torchtitan.config",
-                                       "--model.name", "llama3", *args])
+    return ConfigManager().parse_args(
+        ["--job.custom_config_module", "nerve_plugin.torchtitan.config", "--model.name", "llama3", *args]
+    )
 
 
 def test_missing_tokenizer_or_dataset_paths_name_the_path_and_the_offline_dataset(tmp_path, monkeypatch):
@@ -272,17 +273,21 @@ def test_missing_tokenizer_or_dataset_paths_name_the_path_and_the_offline_datase
     config = _parsed_job_config("--model.hf_assets_path", "./tests/assets/tokenizer", "--training.dataset", "c4_test")
     with pytest.raises(FileNotFoundError) as error:
         spec.build_tokenizer_fn(config)
-    assert str(error.value).startswith("model.hf_assets_path = './tests/assets/tokenizer' does not exist: set it to a "
-                                       "folder holding the tokenizer")
+    assert str(error.value).startswith(
+        "model.hf_assets_path = './tests/assets/tokenizer' does not exist: set it to a folder holding the tokenizer"
+    )
     assert offline in str(error.value) and "download" not in str(error.value)
     with pytest.raises(FileNotFoundError) as error:
         spec.build_dataloader_fn(1, 0, None, config)
-    assert str(error.value).startswith(f"training.dataset = 'c4_test' reads 'tests/assets/c4_test', which does not "
-                                       f"exist (relative to {tmp_path})")
+    assert str(error.value).startswith(
+        f"training.dataset = 'c4_test' reads 'tests/assets/c4_test', which does not exist (relative to {tmp_path})"
+    )
     assert offline in str(error.value)
     config = _parsed_job_config("--training.dataset", "c4", "--training.dataset_path", "./my_c4")
     with pytest.raises(FileNotFoundError, match=r"^training.dataset_path = './my_c4' does not exist"):
         spec.build_dataloader_fn(1, 0, None, config)
     # the offline dataset needs neither: nerve's vocabulary when hf_assets_path holds no tiktoken file
-    config = _parsed_job_config("--model.hf_assets_path", "./tests/assets/tokenizer", "--training.dataset", "python_stdlib")
+    config = _parsed_job_config(
+        "--model.hf_assets_path", "./tests/assets/tokenizer", "--training.dataset", "python_stdlib"
+    )
     assert spec.build_tokenizer_fn(config).get_vocab_size() == 2048

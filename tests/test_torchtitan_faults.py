@@ -2,7 +2,6 @@
 restart into the same dump folder, two runs in one folder, SIGTERM with overlapped solves, outputs that cannot
 be written at start-up or stop being writable during the run. Faults are injected by tests/tt_faults.py."""
 
-import json
 import os
 import select
 import socket
@@ -13,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import read_jsonl
 from torchtitan_harness import REPO_ROOT, run_torchtitan
 from test_torchtitan_nerve import N_LAYERS, nerve_config
 
@@ -31,7 +31,7 @@ def jsonl(cfg) -> Path:
 
 def keys(path: Path) -> Counter:
     """(step, layer) -> how often; every line must parse."""
-    return Counter((r["step"], r["layer"]) for r in map(json.loads, path.read_text().splitlines()))
+    return Counter((r["step"], r["layer"]) for r in read_jsonl(path))
 
 
 def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_each_step_once(tmp_path):
@@ -54,10 +54,17 @@ def test_a_restart_after_a_crash_before_the_first_checkpoint_logs_each_step_once
 
 def _hold_the_folder(path: Path) -> subprocess.Popen:
     """Another run writing `path`: a process holding nerve's lock on it, until killed."""
-    code = ("import sys, time; from nerve_plugin.writers import open_jsonl; lock = open_jsonl(sys.argv[1]); "
-            "print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    code = (
+        "import sys, time; from nerve_plugin.writers import open_jsonl; lock = open_jsonl(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(120)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     ready, _, _ = select.select([holder.stdout], [], [], 60)
     assert ready and holder.stdout.readline().strip() == "held"
     return holder
@@ -72,14 +79,19 @@ def test_a_second_run_into_the_same_folder_is_refused_at_start_up(tmp_path):
         holder.kill()
         holder.wait(timeout=30)
     assert proc.returncode != 0
-    assert f"nerve: another run is writing {jsonl(cfg).parent} (pid {holder.pid} on host {socket.gethostname()}" in proc.stdout
+    assert (
+        f"nerve: another run is writing {jsonl(cfg).parent} (pid {holder.pid} on host {socket.gethostname()}"
+        in proc.stdout
+    )
     assert "step:" not in proc.stdout  # refused before step 1
     assert not jsonl(cfg).exists()
 
 
 def test_sigterm_writes_the_records_already_solved(tmp_path):
     # overlap: step 2's records are written at step 4, step 4's would wait for step 6; SIGTERM comes after step 4
-    cfg, env = faulty(tmp_path, "sigterm:4", {"training": {"steps": 10}}, nerve={"log_freq": 2, "solve": "overlap"})
+    cfg, env = faulty(
+        tmp_path, "sigterm:4", {"training": {"steps": 10}}, nerve={"log_freq": 2, "solve_timing": "overlap"}
+    )
     start = time.monotonic()
     proc = run_torchtitan(tmp_path, cfg, nproc=1, env=env, check=False, timeout=240)
     assert "tt_faults: SIGTERM to torchrun after step 4" in proc.stdout

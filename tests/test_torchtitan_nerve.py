@@ -5,7 +5,6 @@ every layout below sees the same tokens with the same weights as the 1-process r
 to 1e-5 relative. (Later steps differ by the rounding of gradient reductions, so only step 1 is compared.)
 """
 
-import json
 import math
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_tensorboard_runs import points
 from torch.utils.tensorboard import SummaryWriter
+from helpers import hook_count, read_jsonl
 from torchtitan_harness import base_config, merge, read_metrics, run_torchtitan
 
 # Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
@@ -41,8 +41,7 @@ def read_nerve(cfg) -> dict[int, dict[int, dict]]:
     """{step: {layer: record}} from the run's JSONL."""
     out: dict[int, dict[int, dict]] = {}
     path = Path(cfg["job"]["dump_folder"]) / "nerve" / "metrics.jsonl"
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_jsonl(path):
         out.setdefault(record["step"], {})[record["layer"]] = record
     return out
 
@@ -105,7 +104,7 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_layouts_match_one_process(layout, reference, tmp_path):
-    cfg = nerve_config(tmp_path, LAYOUTS[layout], nerve={"eigen_solve": "spread" if layout == "fsdp" else "rank0"})
+    cfg = nerve_config(tmp_path, LAYOUTS[layout], nerve={"solve_placement": "spread" if layout == "fsdp" else "rank0"})
     run_torchtitan(tmp_path, cfg, nproc=2)
     got = read_nerve(cfg)
     assert sorted(got) == [1, 2]
@@ -114,18 +113,23 @@ def test_parallel_layouts_match_one_process(layout, reference, tmp_path):
 
 def test_gradient_accumulation_counts_every_microbatch(reference, tmp_path):
     # Two micro-batches of 2 sequences make the reference's step of 4.
-    cfg = nerve_config(tmp_path, {"training": {"local_batch_size": GLOBAL_BATCH // 2, "global_batch_size": GLOBAL_BATCH}})
+    cfg = nerve_config(
+        tmp_path, {"training": {"local_batch_size": GLOBAL_BATCH // 2, "global_batch_size": GLOBAL_BATCH}}
+    )
     run_torchtitan(tmp_path, cfg, nproc=1)
     assert_metrics_close(read_nerve(cfg)[1], reference[1])
 
 
 def test_training_is_bitwise_unchanged_and_metrics_reach_torchtitans_event_file(tmp_path):
     steps = 5
-    on = nerve_config(tmp_path / "on", {
-        "training": {"local_batch_size": GLOBAL_BATCH // 2, "steps": steps},
-        "parallelism": {"data_parallel_shard_degree": 2},
-        "metrics": {"enable_tensorboard": True},
-    })
+    on = nerve_config(
+        tmp_path / "on",
+        {
+            "training": {"local_batch_size": GLOBAL_BATCH // 2, "steps": steps},
+            "parallelism": {"data_parallel_shard_degree": 2},
+            "metrics": {"enable_tensorboard": True},
+        },
+    )
     off = merge(on, {"job": {"dump_folder": str(tmp_path / "off" / "outputs")}, "nerve": {"enable": False}})
     run_torchtitan(tmp_path / "on", on, nproc=2)
     run_torchtitan(tmp_path / "off", off, nproc=2)
@@ -164,7 +168,7 @@ def event_file_tags(cfg):
 def test_resume_logs_at_the_same_steps(tmp_path):
     overrides = {"training": {"steps": 5}, "checkpoint": {"enable": True, "interval": 2, "last_save_model_only": False}}
     # overlapped solves: step 1's records arrive at step 4, and step 4's are flushed before its checkpoint
-    nerve = {"log_freq": 4, "solve": "overlap"}
+    nerve = {"log_freq": 4, "solve_timing": "overlap"}
     full = nerve_config(tmp_path / "full", overrides, nerve=nerve)
     run_torchtitan(tmp_path / "full", full, nproc=1)
     assert sorted(read_nerve(full)) == [1, 4]
@@ -188,10 +192,10 @@ def test_resume_logs_at_the_same_steps(tmp_path):
         stale.add_scalar("nerve/js/layer_000", 9.0, step)
     stale.close()
     run_torchtitan(tmp_path / "resumed", resumed, nproc=1)
-    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    lines = read_jsonl(jsonl)
     steps = [line["step"] for line in lines]
     assert steps == [1] * 6 + [4] * 6  # step 4 once: the stale copy was dropped, the new one written
-    assert_metrics_close({l["layer"]: l for l in lines if l["step"] == 4}, read_nerve(full)[4], rel=1e-12)
+    assert_metrics_close({rec["layer"]: rec for rec in lines if rec["step"] == 4}, read_nerve(full)[4], rel=1e-12)
 
     # One TensorBoard run: the resumed steps replace the attempt's from step 3 on, for TensorBoard's readers.
     assert sorted(p.name for p in tb.iterdir()) == ["20000101-0000"]
@@ -200,7 +204,7 @@ def test_resume_logs_at_the_same_steps(tmp_path):
         assert [s for s, _ in shown] == [1, 2, 3, 4, 5]
         assert shown[:2] == [(1, 101.0), (2, 102.0)]  # before the resume: the attempt's own
         assert [v for _, v in shown[2:]] == pytest.approx([loss[s] for s in (3, 4, 5)], rel=1e-6)
-    js = next(l["js"] for l in lines if l["step"] == 4 and l["layer"] == 0)
+    js = next(rec["js"] for rec in lines if rec["step"] == 4 and rec["layer"] == 0)
     for shown in points(tb / "20000101-0000", "nerve/js/layer_000"):
         assert shown[0] == (1, 9.0) and [s for s, _ in shown] == [1, 4] and shown[1][1] == pytest.approx(js, rel=1e-6)
 
@@ -225,7 +229,7 @@ def test_model_dependent_nerve_errors_stop_the_run_at_start_up(tmp_path, nerve, 
     assert "step:" not in proc.stdout  # stopped before training
 
 
-def test_disabled_nerve_registers_no_hook_and_changes_no_builder():
+def test_disabled_nerve_registers_no_hook_and_changes_no_builder(tmp_path, monkeypatch):
     import torch
     from torchtitan.config import ConfigManager
     from torchtitan.distributed import ParallelDims
@@ -235,16 +239,27 @@ def test_disabled_nerve_registers_no_hook_and_changes_no_builder():
     from nerve_plugin.torchtitan import integration
     from torchtitan.protocols.train_spec import get_train_spec
 
-    job_config = ConfigManager().parse_args(["--job.custom_config_module", "nerve_plugin.torchtitan.config"])
+    base = ["--job.custom_config_module", "nerve_plugin.torchtitan.config", "--job.dump_folder", str(tmp_path)]
+    job_config = ConfigManager().parse_args(base)
     assert job_config.nerve.enable is False
     spec = get_train_spec("llama3")
     dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    # An enabled job's session already in the process (as a second job of one process would find it), ready to
+    # hook whatever the builders hand it: without it, a wrapper that ignored `enable` would have no session to
+    # attach to and this test could not fail.
+    enabled = ConfigManager().parse_args([*base, "--nerve.enable"])
+    session = integration.NerveSession(enabled, dims, "llama3", llama3_args["debugmodel"])
+    monkeypatch.setattr(integration, "_session", session)
     with torch.device("meta"):
         model = Transformer(llama3_args["debugmodel"])
-    processor_before = integration.current_session()
     spec.parallelize_fn(model, dims, job_config)
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
-    assert integration.current_session() is processor_before
+    assert hook_count(model) == 0
+    assert session.monitor is None  # the model was not handed to the session
+    assert integration.current_session() is session
+    processor = spec.build_metrics_processor_fn(job_config, dims, llama3_args["debugmodel"])
+    assert integration.current_session() is session  # no new session for a disabled job
+    assert "should_log" not in vars(processor)  # torchtitan's own should_log, not nerve's step hook
+    processor.close()
 
 
 def test_model_without_a_tap_spec_is_refused_at_start_up():
@@ -253,13 +268,21 @@ def test_model_without_a_tap_spec_is_refused_at_start_up():
     from nerve_plugin.torchtitan.integration import NerveSession
 
     job_config = ConfigManager().parse_args(
-        ["--job.custom_config_module", "nerve_plugin.torchtitan.config", "--nerve.enable", "--model.name", "deepseek_v3"]
+        [
+            "--job.custom_config_module",
+            "nerve_plugin.torchtitan.config",
+            "--nerve.enable",
+            "--model.name",
+            "deepseek_v3",
+        ]
     )
     with pytest.raises(ValueError, match="no tap spec for model.name = 'deepseek_v3': set \\[nerve\\] spec"):
         NerveSession(job_config, parallel_dims=None, model_name="deepseek_v3")
 
 
-@pytest.mark.parametrize("args, budget", [([], 0.05), (["--nerve.max_overhead", "0.01"], 0.01), (["--nerve.max_overhead", "0"], 0)])
+@pytest.mark.parametrize(
+    "args, budget", [([], 0.05), (["--nerve.max_overhead", "0.01"], 0.01), (["--nerve.max_overhead", "0"], 0)]
+)
 def test_max_overhead_reaches_the_monitor(args, budget):
     from torchtitan.config import ConfigManager
     from torchtitan.distributed import ParallelDims

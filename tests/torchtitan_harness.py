@@ -96,8 +96,15 @@ def to_toml(config: dict) -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
-def run_torchtitan(tmp_path, config: dict, nproc: int = 2, extra_args=(), timeout: float = 300,
-                   env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_torchtitan(
+    tmp_path,
+    config: dict,
+    nproc: int = 2,
+    extra_args=(),
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Write `config` to <tmp_path>/job.toml and run `torchrun -m torchtitan.train` on it.
 
     nproc processes on one host (torchrun --standalone picks a free port); extra_args are
@@ -111,10 +118,22 @@ def run_torchtitan(tmp_path, config: dict, nproc: int = 2, extra_args=(), timeou
     config_file = tmp_path / "job.toml"
     config_file.write_text(to_toml(config))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "--role", "rank", "--tee", "3",
-        "--log-dir", str(tmp_path / "torchrun_logs"),
-        "-m", "torchtitan.train", "--job.config_file", str(config_file), *map(str, extra_args),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "--role",
+        "rank",
+        "--tee",
+        "3",
+        "--log-dir",
+        str(tmp_path / "torchrun_logs"),
+        "-m",
+        "torchtitan.train",
+        "--job.config_file",
+        str(config_file),
+        *map(str, extra_args),
     ]
     pythonpath = [str(REPO_ROOT), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
     full_env = {
@@ -127,8 +146,15 @@ def run_torchtitan(tmp_path, config: dict, nproc: int = 2, extra_args=(), timeou
         **(env or {}),
     }
     # a session of its own, so a timeout can end the workers with the launcher
-    p = subprocess.Popen(cmd, env=full_env, cwd=tmp_path, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        cmd,
+        env=full_env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -138,8 +164,7 @@ def run_torchtitan(tmp_path, config: dict, nproc: int = 2, extra_args=(), timeou
             raise TorchtitanRunError(f"timed out after {timeout}s: {' '.join(cmd)}\n{_tail(out)}")
     proc = subprocess.CompletedProcess(cmd, p.returncode, out, None)
     if check and proc.returncode != 0:
-        raise TorchtitanRunError(
-            f"torchtitan exited with {proc.returncode}: {' '.join(cmd)}\n{_tail(out)}")
+        raise TorchtitanRunError(f"torchtitan exited with {proc.returncode}: {' '.join(cmd)}\n{_tail(out)}")
     return proc
 
 

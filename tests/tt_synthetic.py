@@ -66,8 +66,7 @@ class SyntheticTokens(IterableDataset, Stateful):
 
 def build_synthetic_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **_):
     ds = SyntheticTokens(job_config.training.seq_len, dp_rank, dp_world_size)
-    kwargs = {**asdict(job_config.training.dataloader),
-              "batch_size": job_config.training.local_batch_size}
+    kwargs = {**asdict(job_config.training.dataloader), "batch_size": job_config.training.local_batch_size}
     return ParallelAwareDataloader(ds, dp_rank=dp_rank, dp_world_size=dp_world_size, **kwargs)
 
 
@@ -87,8 +86,7 @@ class SeededTransformer(Transformer):
             # wrappers (activation checkpointing, compile) add name components
             w = full[name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")]
             if isinstance(p, DTensor):  # keep this rank's slice, no communication
-                p.to_local().copy_(distribute_tensor(
-                    w, p.device_mesh, p.placements, src_data_rank=None).to_local())
+                p.to_local().copy_(distribute_tensor(w, p.device_mesh, p.placements, src_data_rank=None).to_local())
             else:
                 p.copy_(w)
 
@@ -100,8 +98,9 @@ class JsonlMetricsProcessor(MetricsProcessor):
         path = os.path.join(self.job_config.job.dump_folder, f"metrics_rank{rank}.jsonl")
         loss, max_loss = (float(v) for v in (global_avg_loss, global_max_loss))
         with open(path, "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "max_loss": max_loss,
-                                "grad_norm": float(grad_norm)}) + "\n")
+            f.write(
+                json.dumps({"step": step, "loss": loss, "max_loss": max_loss, "grad_norm": float(grad_norm)}) + "\n"
+            )
 
 
 def build_jsonl_metrics_processor(job_config, parallel_dims, model_args=None, tag=None):
@@ -109,12 +108,15 @@ def build_jsonl_metrics_processor(job_config, parallel_dims, model_args=None, ta
 
 
 try:
-    train_spec_module.register_train_spec(SPEC_NAME, replace(
-        get_train_spec(),
-        model_cls=SeededTransformer,
-        build_tokenizer_fn=None,
-        build_dataloader_fn=build_synthetic_dataloader,
-        build_metrics_processor_fn=build_jsonl_metrics_processor,
-    ))
+    train_spec_module.register_train_spec(
+        SPEC_NAME,
+        replace(
+            get_train_spec(),
+            model_cls=SeededTransformer,
+            build_tokenizer_fn=None,
+            build_dataloader_fn=build_synthetic_dataloader,
+            build_metrics_processor_fn=build_jsonl_metrics_processor,
+        ),
+    )
 except ValueError:  # already registered (this module was imported before)
     pass

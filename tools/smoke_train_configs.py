@@ -136,8 +136,17 @@ def check_metrics(jsonl: Path, step: int, layers: list[int]) -> tuple[int, str]:
     return len(good), ""
 
 
-def run_config(path: Path, run_dir: Path, steps: int, nproc: int, gpu: bool, seq_len: int | None,
-               batch: int | None, timeout: float, extra: list[str]) -> Result:
+def run_config(
+    path: Path,
+    run_dir: Path,
+    steps: int,
+    nproc: int,
+    gpu: bool,
+    seq_len: int | None,
+    batch: int | None,
+    timeout: float,
+    extra: list[str],
+) -> Result:
     config = tomllib.loads(path.read_text())
     name = config_name(path)
     total = steps or config.get("training", {}).get("steps", 10000)
@@ -154,8 +163,9 @@ def run_config(path: Path, run_dir: Path, steps: int, nproc: int, gpu: bool, seq
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     start = time.monotonic()
     # A session of its own, so that a timeout ends torchrun's workers with it.
-    proc = subprocess.Popen(cmd, env=env, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         log, _ = proc.communicate(timeout=timeout)
         code = proc.returncode
@@ -177,29 +187,45 @@ def run_config(path: Path, run_dir: Path, steps: int, nproc: int, gpu: bool, seq
         result.error = f"expected a finite loss at steps 1..{total}, got {losses}"
     else:
         result.layers_logged, result.error = check_metrics(
-            run_dir / "nerve" / "metrics.jsonl", last_logging_step(total, nerve_freq), layers)
+            run_dir / "nerve" / "metrics.jsonl", last_logging_step(total, nerve_freq), layers
+        )
     return result
 
 
 def format_row(r: Result, width: int) -> str:
     loss = f"{r.final_loss:.4f}" if r.final_loss is not None else "-"
     status = "ok" if r.ok else "FAILED"
-    return (f"{r.config:<{width}}  {r.steps:>5}  {r.seconds:>7.1f}  {loss:>10}  "
-            f"{f'{r.layers_logged}/{r.layers_expected}':>6}  {status}")
+    return (
+        f"{r.config:<{width}}  {r.steps:>5}  {r.seconds:>7.1f}  {loss:>10}  "
+        f"{f'{r.layers_logged}/{r.layers_expected}':>6}  {status}"
+    )
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Our options, and what follows "--" (passed to every torchtitan run as is)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("configs", nargs="*", help="files, experiment folders or globs under train_configs/ "
-                                                   "(default: all)")
-    parser.add_argument("--steps", type=int, default=4, help="training steps per run (0: the file's own, with "
-                                                             "its [nerve] log_freq; default 4)")
+    parser.add_argument(
+        "configs", nargs="*", help="files, experiment folders or globs under train_configs/ (default: all)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="training steps per run (0: the file's own, with its [nerve] log_freq; default 4)",
+    )
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (default 1)")
-    parser.add_argument("--seq-len", type=int, default=None,
-                        help=f"override training.seq_len (CPU default {CPU_SEQ_LEN}; GPU: the file's)")
-    parser.add_argument("--batch", type=int, default=None,
-                        help=f"override training.local_batch_size (CPU default {CPU_BATCH}; GPU: the file's)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"override training.seq_len (CPU default {CPU_SEQ_LEN}; GPU: the file's)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help=f"override training.local_batch_size (CPU default {CPU_BATCH}; GPU: the file's)",
+    )
     parser.add_argument("--dump-root", default="./outputs/smoke", help="runs go to <dump-root>/<timestamp>/")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--cpu", action="store_true", help="use the CPU overrides even with a GPU")
@@ -208,7 +234,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args = parser.parse_args(argv[:cut])
     if args.steps < 0:
         parser.error("--steps must be >= 0")
-    return args, argv[cut + 1:]
+    return args, argv[cut + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,14 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.cpu
     root = Path(args.dump_root).resolve() / time.strftime("%Y%m%d-%H%M%S")
     width = max(len("config"), *(len(config_name(c)) for c in configs))
-    print(f"smoke_train_configs: {len(configs)} config(s) on {'GPU' if gpu else 'CPU'}, {args.nproc} "
-          f"process(es) each; runs under {root}", flush=True)
+    print(
+        f"smoke_train_configs: {len(configs)} config(s) on {'GPU' if gpu else 'CPU'}, {args.nproc} "
+        f"process(es) each; runs under {root}",
+        flush=True,
+    )
     print(f"{'config':<{width}}  {'steps':>5}  {'seconds':>7}  {'final loss':>10}  {'layers':>6}", flush=True)
     results = []
     for path in configs:
         run_dir = root / config_name(path)
-        result = run_config(path, run_dir, args.steps, args.nproc, gpu, args.seq_len, args.batch, args.timeout,
-                            extra)
+        result = run_config(path, run_dir, args.steps, args.nproc, gpu, args.seq_len, args.batch, args.timeout, extra)
         results.append(result)
         print(format_row(result, width), flush=True)
         if not result.ok:

@@ -22,7 +22,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..monitor import FEW_TOKENS_RATIO, pair_js, tap_result
+from ..monitor import tap_result
+from ..records import FEW_TOKENS_RATIO
 from ..solve import solve
 from ..taps import feature_dim
 from .architectures import ARCHITECTURES, Architecture, detect, register
@@ -49,9 +50,16 @@ class NerVEAnalyzer:
         name: how the model is called in the results (default: its HF name or class).
     """
 
-    def __init__(self, model: nn.Module, architecture: str | None = None, *, layers: Iterable[int] | None = None,
-                 forward: ForwardFn | None = None, accumulate_dtype: torch.dtype = torch.float64,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        architecture: str | None = None,
+        *,
+        layers: Iterable[int] | None = None,
+        forward: ForwardFn | None = None,
+        accumulate_dtype: torch.dtype = torch.float64,
+        name: str | None = None,
+    ):
         self.model = model
         self.resolved = detect(model, architecture)
         self.architecture: Architecture = self.resolved.architecture
@@ -63,15 +71,25 @@ class NerVEAnalyzer:
         self.name = name or config_name or type(model).__name__
 
     @staticmethod
-    def register_architecture(name: str, *, block_path: str, up: str, down: str, gated: bool = False,
-                              gate: str | None = None, model_types: Sequence[str] = (), description: str = "",
-                              overwrite: bool = False) -> Architecture:
+    def register_architecture(
+        name: str,
+        *,
+        block_path: str,
+        up: str,
+        down: str,
+        gated: bool = False,
+        gate: str | None = None,
+        model_types: Sequence[str] = (),
+        description: str = "",
+        overwrite: bool = False,
+    ) -> Architecture:
         """Teach the analyzer a layout. Paths are dotted module names: ``block_path`` from the model's root (or
         a suffix of it) to the container of the blocks; ``up``, ``down`` (and ``gate``) inside a block. Pre is
         the output of ``up`` (of ``gate`` when ``gated``), post the input of ``down``. ``model_types``: the
         HuggingFace ``config.model_type`` values that should pick this layout."""
-        arch = Architecture(name, block_path, up, down, gated=gated, gate=gate, model_types=tuple(model_types),
-                            description=description)
+        arch = Architecture(
+            name, block_path, up, down, gated=gated, gate=gate, model_types=tuple(model_types), description=description
+        )
         return register(arch, overwrite=overwrite)
 
     @staticmethod
@@ -86,8 +104,16 @@ class NerVEAnalyzer:
     # -- analysis ------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def analyze(self, input_ids, attention_mask=None, *, batch_size: int = 8, layers_per_pass: int | None = None,
-                max_stats_gib: float = 8.0, progress: bool | Callable[[dict], None] = False) -> AnalysisResults:
+    def analyze(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        batch_size: int = 8,
+        layers_per_pass: int | None = None,
+        max_stats_gib: float = 8.0,
+        progress: bool | Callable[[dict], None] = False,
+    ) -> AnalysisResults:
         """SE / PR / EEE of pre and post and JS, per layer, over every token with ``attention_mask != 0``.
 
         ``input_ids``: [n_sequences, seq_len] (a tensor, or equal-length lists); ``attention_mask``: same shape,
@@ -113,13 +139,20 @@ class NerVEAnalyzer:
                 keys = [key for key in self.points if key[0] in pass_layers]
                 with MaskedCapture(self.points, self.resolved.spec, keys, self.accumulate_dtype) as capture:
                     for batch_index, start in enumerate(batches):
-                        batch_ids = ids[start:start + batch_size].to(device)
-                        batch_mask = mask[start:start + batch_size].to(device)
+                        batch_ids = ids[start : start + batch_size].to(device)
+                        batch_mask = mask[start : start + batch_size].to(device)
                         capture.keep = batch_mask.bool()
                         self.forward(batch_ids, batch_mask)
                         if report:
-                            report({"pass": pass_index + 1, "passes": len(passes), "batch": batch_index + 1,
-                                    "batches": len(batches), "tokens": int(batch_mask.sum())})
+                            report(
+                                {
+                                    "pass": pass_index + 1,
+                                    "passes": len(passes),
+                                    "batch": batch_index + 1,
+                                    "batches": len(batches),
+                                    "tokens": int(batch_mask.sum()),
+                                }
+                            )
                 layer_results.update(self._solve(capture, pass_layers))
                 del capture
         finally:
@@ -130,10 +163,11 @@ class NerVEAnalyzer:
             logger.warning(
                 f"nerve-analyze: {tokens} tokens per layer, fewer than FFN width / {FEW_TOKENS_RATIO} (width "
                 f"{', '.join(map(str, few))}): SE, PR and EEE describe the token sample more than the layers (the "
-                f"results say \"few_tokens\": true); pass more text (--max-tokens, more files)"
+                f'results say "few_tokens": true); pass more text (--max-tokens, more files)'
             )
-        return AnalysisResults(self.architecture.name, self.name, tokens,
-                               [layer_results[layer] for layer in self.layers])
+        return AnalysisResults(
+            self.architecture.name, self.name, tokens, [layer_results[layer] for layer in self.layers]
+        )
 
     def _solve(self, capture: MaskedCapture, layers: list[int]) -> dict[int, LayerResult]:
         out = {}
@@ -142,27 +176,31 @@ class NerVEAnalyzer:
             for tap in ("pre", "post"):
                 stats = capture.stats.get((layer, tap))
                 if stats is None:
-                    raise RuntimeError(f"layer {layer} {tap}: the hooked module {self.points[(layer, tap)][0]!r} "
-                                       "never ran; does the forward function run the model?")
+                    raise RuntimeError(
+                        f"layer {layer} {tap}: the hooked module {self.points[(layer, tap)][0]!r} "
+                        "never ran; does the forward function run the model?"
+                    )
                 taps[tap] = tap_result(solve(stats.m2, stats.count))
             pre, post = taps["pre"], taps["post"]
-            out[layer] = LayerResult(layer, pre, post, pair_js(pre, post), self.points[(layer, "pre")][0],
-                                     self.points[(layer, "post")][0])
+            # The per-layer metrics (JS) default to those of pre and post.
+            out[layer] = LayerResult(layer, pre, post, self.points[(layer, "pre")][0], self.points[(layer, "post")][0])
         return out
 
     def _plan_passes(self, layers_per_pass: int | None, max_stats_gib: float) -> list[list[int]]:
         if layers_per_pass is None:
             itemsize = torch.empty((), dtype=self.accumulate_dtype).element_size()
             per_layer = max(
-                sum((feature_dim(module, "output" if tap == "pre" else "input") or 0) ** 2 * itemsize
+                sum(
+                    (feature_dim(module, "output" if tap == "pre" else "input") or 0) ** 2 * itemsize
                     for (layer, tap), (_, module) in self.points.items()
-                    if layer == first)
+                    if layer == first
+                )
                 for first in self.layers
             )
             layers_per_pass = max(1, int(max_stats_gib * 2**30 // max(per_layer, 1)))
         if layers_per_pass < 1:
             raise ValueError(f"layers_per_pass must be >= 1, got {layers_per_pass}")
-        return [self.layers[i:i + layers_per_pass] for i in range(0, len(self.layers), layers_per_pass)]
+        return [self.layers[i : i + layers_per_pass] for i in range(0, len(self.layers), layers_per_pass)]
 
 
 def default_forward(model: nn.Module) -> ForwardFn:
@@ -184,8 +222,9 @@ def _as_batch(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2 or ids.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"input_ids must be integer token ids of shape [n_sequences, seq_len], got "
-                         f"{tuple(ids.shape)} {ids.dtype}")
+        raise ValueError(
+            f"input_ids must be integer token ids of shape [n_sequences, seq_len], got {tuple(ids.shape)} {ids.dtype}"
+        )
     if attention_mask is None:
         return ids, torch.ones_like(ids)
     mask = torch.as_tensor(attention_mask)
@@ -214,7 +253,11 @@ def _printer(min_interval_s: float = 1.0) -> Callable[[dict], None]:
         state["last"] = now
         rate = state["tokens"] / max(now - state["start"], 1e-9)
         width = len(str(p["batches"]))
-        print(f"nerve-analyze: pass {p['pass']}/{p['passes']} batch {p['batch']:>{width}}/{p['batches']} "
-              f"({math.floor(rate):,} tokens/s)", file=sys.stderr, flush=True)
+        print(
+            f"nerve-analyze: pass {p['pass']}/{p['passes']} batch {p['batch']:>{width}}/{p['batches']} "
+            f"({math.floor(rate):,} tokens/s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return report

@@ -41,15 +41,19 @@ class Architecture:
     def __post_init__(self):
         for key in ("name", "block_path", "up", "down"):
             if not isinstance(getattr(self, key), str) or not getattr(self, key):
-                raise ArchitectureError(f"register_architecture: {key} must be a non-empty string, "
-                                        f"got {getattr(self, key)!r}")
+                raise ArchitectureError(
+                    f"register_architecture: {key} must be a non-empty string, got {getattr(self, key)!r}"
+                )
         if self.gated and not self.gate:
             raise ArchitectureError(
                 f"register_architecture({self.name!r}): gated=True needs gate=, the projection whose output "
-                f"enters the nonlinearity (e.g. gate='mlp.gate_proj'); up= names the linear branch")
+                f"enters the nonlinearity (e.g. gate='mlp.gate_proj'); up= names the linear branch"
+            )
         if not self.gated and self.gate:
-            raise ArchitectureError(f"register_architecture({self.name!r}): gate={self.gate!r} given with "
-                                    "gated=False; pass gated=True for a gated FFN")
+            raise ArchitectureError(
+                f"register_architecture({self.name!r}): gate={self.gate!r} given with "
+                "gated=False; pass gated=True for a gated FFN"
+            )
 
     @property
     def pre(self) -> str:
@@ -65,31 +69,72 @@ class Architecture:
 
 
 def _gated(name, block_path, model_types, description):
-    return Architecture(name, block_path, up="mlp.up_proj", down="mlp.down_proj", gated=True,
-                        gate="mlp.gate_proj", model_types=model_types, description=description)
+    return Architecture(
+        name,
+        block_path,
+        up="mlp.up_proj",
+        down="mlp.down_proj",
+        gated=True,
+        gate="mlp.gate_proj",
+        model_types=model_types,
+        description=description,
+    )
 
 
 # Module names as in HuggingFace transformers' implementations.
 _BUILTIN = [
-    Architecture("gpt2", "h", up="mlp.c_fc", down="mlp.c_proj", model_types=("gpt2",),
-                 description="GPT-2: Conv1D c_fc -> gelu -> c_proj (the activation is a function in the MLP)"),
-    Architecture("gpt_neox", "layers", up="mlp.dense_h_to_4h", down="mlp.dense_4h_to_h", model_types=("gpt_neox",),
-                 description="GPT-NeoX / Pythia: dense_h_to_4h -> gelu -> dense_4h_to_h"),
-    Architecture("gptj", "h", up="mlp.fc_in", down="mlp.fc_out", model_types=("gptj",),
-                 description="GPT-J: fc_in -> gelu -> fc_out"),
+    Architecture(
+        "gpt2",
+        "h",
+        up="mlp.c_fc",
+        down="mlp.c_proj",
+        model_types=("gpt2",),
+        description="GPT-2: Conv1D c_fc -> gelu -> c_proj (the activation is a function in the MLP)",
+    ),
+    Architecture(
+        "gpt_neox",
+        "layers",
+        up="mlp.dense_h_to_4h",
+        down="mlp.dense_4h_to_h",
+        model_types=("gpt_neox",),
+        description="GPT-NeoX / Pythia: dense_h_to_4h -> gelu -> dense_4h_to_h",
+    ),
+    Architecture(
+        "gptj",
+        "h",
+        up="mlp.fc_in",
+        down="mlp.fc_out",
+        model_types=("gptj",),
+        description="GPT-J: fc_in -> gelu -> fc_out",
+    ),
     _gated("llama", "layers", ("llama",), "LLaMA: down_proj(silu(gate_proj x) * up_proj x)"),
     _gated("mistral", "layers", ("mistral",), "Mistral: down_proj(silu(gate_proj x) * up_proj x)"),
     _gated("qwen2", "layers", ("qwen2",), "Qwen2: down_proj(silu(gate_proj x) * up_proj x)"),
     _gated("gemma", "layers", ("gemma",), "Gemma: down_proj(gelu_tanh(gate_proj x) * up_proj x)"),
-    Architecture("phi", "layers", up="mlp.fc1", down="mlp.fc2", model_types=("phi",),
-                 description="Phi (1, 1.5, 2): fc1 -> gelu -> fc2"),
-    Architecture("bert", "encoder.layer", up="intermediate.dense", down="output.dense",
-                 model_types=("bert", "roberta"),
-                 description="BERT-style encoders: intermediate.dense -> gelu -> output.dense"),
+    Architecture(
+        "phi",
+        "layers",
+        up="mlp.fc1",
+        down="mlp.fc2",
+        model_types=("phi",),
+        description="Phi (1, 1.5, 2): fc1 -> gelu -> fc2",
+    ),
+    Architecture(
+        "bert",
+        "encoder.layer",
+        up="intermediate.dense",
+        down="output.dense",
+        model_types=("bert", "roberta"),
+        description="BERT-style encoders: intermediate.dense -> gelu -> output.dense",
+    ),
     # The training taps' own spec: pre = w1's output (the gate when gated), post = w2's input, gated or not.
-    Architecture("torchtitan_llama", BUILTIN_SPECS["llama3"].blocks, up=BUILTIN_SPECS["llama3"].pre.module,
-                 down=BUILTIN_SPECS["llama3"].post.module,
-                 description="torchtitan llama3 / nerve_llama: feed_forward.w2(act(w1 x) [* w3 x])"),
+    Architecture(
+        "torchtitan_llama",
+        BUILTIN_SPECS["llama3"].blocks,
+        up=BUILTIN_SPECS["llama3"].pre.module,
+        down=BUILTIN_SPECS["llama3"].post.module,
+        description="torchtitan llama3 / nerve_llama: feed_forward.w2(act(w1 x) [* w3 x])",
+    ),
 ]
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _BUILTIN}
@@ -97,13 +142,13 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _BUILTIN}
 
 def register(arch: Architecture, overwrite: bool = False) -> Architecture:
     if arch.name in ARCHITECTURES and not overwrite and ARCHITECTURES[arch.name] != arch:
-        raise ArchitectureError(f"an architecture named {arch.name!r} is already registered "
-                                "(pass overwrite=True to replace it)")
+        raise ArchitectureError(
+            f"an architecture named {arch.name!r} is already registered (pass overwrite=True to replace it)"
+        )
     for other in ARCHITECTURES.values():
         clash = set(arch.model_types) & set(other.model_types)
         if other.name != arch.name and clash:
-            raise ArchitectureError(f"model_type {sorted(clash)[0]!r} already belongs to architecture "
-                                    f"{other.name!r}")
+            raise ArchitectureError(f"model_type {sorted(clash)[0]!r} already belongs to architecture {other.name!r}")
     ARCHITECTURES[arch.name] = arch
     return arch
 
@@ -136,16 +181,21 @@ def locate(model: nn.Module, arch: Architecture) -> Resolved:
         if (name == wanted or name.endswith("." + wanted)) and name not in containers:
             containers.append(name)
     if not containers:
-        raise ArchitectureError(f"architecture {arch.name!r}: no module at block_path {arch.block_path!r} "
-                                f"(nor ending in it) in {type(model).__name__}")
+        raise ArchitectureError(
+            f"architecture {arch.name!r}: no module at block_path {arch.block_path!r} "
+            f"(nor ending in it) in {type(model).__name__}"
+        )
     found = [c for c in containers if _has_ffn(model, c, arch)]
     if not found:
         raise ArchitectureError(
             f"architecture {arch.name!r}: no block under {', '.join(map(repr, containers))} has "
-            f"{' and '.join(map(repr, arch.modules()))}")
+            f"{' and '.join(map(repr, arch.modules()))}"
+        )
     if len(found) > 1:
-        raise ArchitectureError(f"architecture {arch.name!r}: block_path {arch.block_path!r} matches "
-                                f"{', '.join(map(repr, found))}; give the full path from the model's root")
+        raise ArchitectureError(
+            f"architecture {arch.name!r}: block_path {arch.block_path!r} matches "
+            f"{', '.join(map(repr, found))}; give the full path from the model's root"
+        )
     return Resolved(arch, found[0])
 
 
@@ -162,8 +212,10 @@ def detect(model: nn.Module, name: str | None = None) -> Resolved:
     ``config.model_type``; else the only registered layout its module structure matches."""
     if name is not None:
         if name not in ARCHITECTURES:
-            raise ArchitectureError(f"unknown architecture {name!r}: expected one of {supported()} "
-                                    "(or add yours with NerVEAnalyzer.register_architecture)")
+            raise ArchitectureError(
+                f"unknown architecture {name!r}: expected one of {supported()} "
+                "(or add yours with NerVEAnalyzer.register_architecture)"
+            )
         return locate(model, ARCHITECTURES[name])
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -187,6 +239,7 @@ def detect(model: nn.Module, name: str | None = None) -> Resolved:
         raise ArchitectureError(
             f"cannot find the FFN layout of {what}: supported architectures are {supported()}. For another "
             "model, register its layout: NerVEAnalyzer.register_architecture(name, block_path=..., up=..., "
-            "down=..., gated=...)")
+            "down=..., gated=...)"
+        )
     options = "; ".join(f"{r[0].architecture.name} (blocks {r[0].blocks!r})" for r in matches.values())
     raise ArchitectureError(f"the FFN layout of {what} is ambiguous: {options}. Pass architecture=NAME")

@@ -23,11 +23,13 @@ def resolve_points(model: nn.Module, spec: TapSpec, layers=None) -> dict[tuple[i
     }
     if wanted is not None and wanted - {layer for layer, _ in points}:
         missing = sorted(wanted - {layer for layer, _ in points})
-        raise ValueError(f"layers {missing} are not FFN blocks of this model (it has "
-                         f"{sorted({layer for layer, _ in points})})")
+        raise ValueError(
+            f"layers {missing} are not FFN blocks of this model (it has {sorted({layer for layer, _ in points})})"
+        )
     if not points:
-        raise ValueError(f"no FFN found: no block under {spec.blocks!r} has both {spec.pre.module!r} and "
-                         f"{spec.post.module!r}")
+        raise ValueError(
+            f"no FFN found: no block under {spec.blocks!r} has both {spec.pre.module!r} and {spec.post.module!r}"
+        )
     return points
 
 
@@ -35,8 +37,13 @@ class MaskedCapture:
     """Hooks on the (layer, tap) points of ``keys``; while attached, every forward folds the rows selected by
     ``self.keep`` ([batch, seq] bool, or None for all rows) into one ``CovarianceStats`` per point."""
 
-    def __init__(self, points: dict[tuple[int, str], tuple[str, nn.Module]], spec: TapSpec, keys,
-                 accumulate_dtype: torch.dtype = torch.float64):
+    def __init__(
+        self,
+        points: dict[tuple[int, str], tuple[str, nn.Module]],
+        spec: TapSpec,
+        keys,
+        accumulate_dtype: torch.dtype = torch.float64,
+    ):
         self.points = points
         self.spec = spec
         self.keys = list(keys)
@@ -78,8 +85,10 @@ def select_rows(activation: torch.Tensor, keep: torch.Tensor | None) -> torch.Te
         return activation[keep.to(activation.device)]
     if activation.numel() // dim == keep.numel():  # a model that flattens batch and sequence
         return activation.reshape(-1, dim)[keep.reshape(-1).to(activation.device)]
-    raise ValueError(f"cannot apply the token mask of shape {tuple(keep.shape)} to an FFN activation of shape "
-                     f"{tuple(activation.shape)}: the model does not keep one row per input token")
+    raise ValueError(
+        f"cannot apply the token mask of shape {tuple(keep.shape)} to an FFN activation of shape "
+        f"{tuple(activation.shape)}: the model does not keep one row per input token"
+    )
 
 
 __all__ = ["MaskedCapture", "TAPS", "resolve_points", "select_rows"]

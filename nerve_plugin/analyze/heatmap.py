@@ -1,4 +1,5 @@
-"""A PNG heatmap of an analysis: layers (rows) x metrics (SE, PR, EEE) for pre, post and post - pre, plus JS.
+"""A PNG heatmap of an analysis: layers (rows) x metrics (SE, PR, EEE) for pre, post and post - pre, plus the
+per-layer metrics (JS) in a last panel.
 
 Each metric has its own scale, so colours are normalised per column: pre and post share one range (their
 colours compare), the difference uses a symmetric diverging range, JS runs from 0. Cells carry their values.
@@ -11,10 +12,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..records import METRICS, Metric
 from ..report.svg import DIVERGING, VIRIDIS, colormap
-from .results import METRIC_LABELS, METRICS, AnalysisResults
+from .results import AnalysisResults
 
 PANELS = ("pre", "post", "post - pre")
+
+
+def layer_panel() -> str:
+    """The last panel's name: the per-layer metrics' labels ("JS")."""
+    return " / ".join(m.short for m in METRICS.per_layer)
 
 
 @dataclass
@@ -22,26 +29,39 @@ class Grid:
     """The numbers of the picture and their colour positions in [0, 1] (0.5 = no change in the diff panel)."""
 
     layers: list[int]
-    values: dict[str, np.ndarray]  # panel -> [layers, 3]; "JS" -> [layers, 1]
+    values: dict[str, np.ndarray]  # panel -> [layers, per-tap metrics]; layer_panel() -> [layers, per-layer ones]
     shades: dict[str, np.ndarray]
 
 
 def build_grid(results: AnalysisResults) -> Grid:
-    pre = np.array([[getattr(r.pre, m) for m in METRICS] for r in results.layers], dtype=float)
-    post = np.array([[getattr(r.post, m) for m in METRICS] for r in results.layers], dtype=float)
+    pre = np.array([[getattr(r.pre, m.name) for m in METRICS.per_tap] for r in results.layers], dtype=float)
+    post = np.array([[getattr(r.post, m.name) for m in METRICS.per_tap] for r in results.layers], dtype=float)
     diff = post - pre
-    js = np.array([[np.nan if r.js is None else r.js] for r in results.layers], dtype=float)
+    js = np.array(
+        [
+            [np.nan if getattr(r, m.name) is None else getattr(r, m.name) for m in METRICS.per_layer]
+            for r in results.layers
+        ],
+        dtype=float,
+    )
     low = np.minimum(pre.min(axis=0), post.min(axis=0))
     span = np.maximum(pre.max(axis=0), post.max(axis=0)) - low
     span[span == 0] = 1.0
     reach = np.abs(diff).max(axis=0)
     reach[reach == 0] = 1.0
-    js_top = np.nanmax(js) if np.isfinite(js).any() and np.nanmax(js) > 0 else 1.0
+    # Per column, from 0 to the largest value (1 when there is none).
+    finite = np.where(np.isfinite(js), js, -np.inf)
+    js_top = finite.max(axis=0, initial=-np.inf)
+    js_top[~(js_top > 0)] = 1.0
     return Grid(
         layers=[r.layer for r in results.layers],
-        values={"pre": pre, "post": post, "post - pre": diff, "JS": js},
-        shades={"pre": (pre - low) / span, "post": (post - low) / span, "post - pre": 0.5 + 0.5 * diff / reach,
-                "JS": js / js_top},
+        values={"pre": pre, "post": post, "post - pre": diff, layer_panel(): js},
+        shades={
+            "pre": (pre - low) / span,
+            "post": (post - low) / span,
+            "post - pre": 0.5 + 0.5 * diff / reach,
+            layer_panel(): js / js_top,
+        },
     )
 
 
@@ -59,37 +79,43 @@ def write_heatmap(results: AnalysisResults, path) -> str:
     return "matplotlib"
 
 
-def _cell_text(value: float, column: str) -> str:
-    if not np.isfinite(value):
-        return "-"
-    return f"{value:.1f}" if column == "PR" else f"{value:.4f}" if column == "JS" else f"{value:.3f}"
+def _cell_text(value: float, metric: Metric) -> str:
+    return format(value, metric.fmt) if np.isfinite(value) else "-"
 
 
-def _columns(panel: str) -> list[str]:
-    return ["JS"] if panel == "JS" else [METRIC_LABELS[m] for m in METRICS]
+def _metrics(panel: str) -> tuple[Metric, ...]:
+    return METRICS.per_tap if panel in PANELS else METRICS.per_layer
 
 
 def _draw_matplotlib(grid: Grid, title: str, path) -> None:
     import matplotlib.pyplot as plt
 
     n = len(grid.layers)
-    panels = (*PANELS, "JS")
-    fig, axes = plt.subplots(1, 4, figsize=(12, 1.2 + 0.32 * n), gridspec_kw={"width_ratios": [3, 3, 3, 1]},
-                             squeeze=False)
+    panels = (*PANELS, layer_panel())
+    fig, axes = plt.subplots(
+        1, 4, figsize=(12, 1.2 + 0.32 * n), gridspec_kw={"width_ratios": [3, 3, 3, 1]}, squeeze=False
+    )
     for ax, panel in zip(axes[0], panels):
         cmap = "RdBu_r" if panel == "post - pre" else "viridis"
         ax.imshow(np.nan_to_num(grid.shades[panel], nan=0.0), cmap=cmap, vmin=0, vmax=1, aspect="auto")
-        columns = _columns(panel)
-        ax.set_xticks(range(len(columns)), [c if c != panel else "" for c in columns])
+        metrics = _metrics(panel)
+        ax.set_xticks(range(len(metrics)), [m.short if m.short != panel else "" for m in metrics])
         ax.set_yticks(range(n), [str(layer) for layer in grid.layers] if ax is axes[0][0] else [""] * n)
         ax.set_title(panel)
         ax.xaxis.tick_top()
         for row in range(n):
-            for col, name in enumerate(columns):
+            for col, metric in enumerate(metrics):
                 shade = grid.shades[panel][row, col]
                 dark = panel == "post - pre" and abs(shade - 0.5) > 0.3 or panel != "post - pre" and shade < 0.6
-                ax.text(col, row, _cell_text(grid.values[panel][row, col], name), ha="center", va="center",
-                        fontsize=8, color="white" if dark else "black")
+                ax.text(
+                    col,
+                    row,
+                    _cell_text(grid.values[panel][row, col], metric),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
     axes[0][0].set_ylabel("layer")
     fig.suptitle(title)
     fig.tight_layout()
@@ -98,6 +124,7 @@ def _draw_matplotlib(grid: Grid, title: str, path) -> None:
 
 
 # -- PIL ---------------------------------------------------------------------------------------------------------
+
 
 def _colour(anchors: list[str], t: float) -> tuple[int, int, int]:
     if not np.isfinite(t):
@@ -113,8 +140,8 @@ def _draw_pil(grid: Grid, title: str, path) -> None:
     except TypeError:  # Pillow < 10.1: a fixed bitmap font
         font = ImageFont.load_default()
     cell_w, cell_h, label_w, gap, top = 64, 22, 64, 16, 58
-    panels = (*PANELS, "JS")
-    widths = [len(_columns(p)) * cell_w for p in panels]
+    panels = (*PANELS, layer_panel())
+    widths = [len(_metrics(p)) * cell_w for p in panels]
     width = label_w + sum(widths) + gap * (len(panels) - 1) + 12
     height = top + cell_h * len(grid.layers) + 12
     image = Image.new("RGB", (width, height), "white")
@@ -126,16 +153,20 @@ def _draw_pil(grid: Grid, title: str, path) -> None:
     for panel, panel_w in zip(panels, widths):
         anchors = DIVERGING if panel == "post - pre" else VIRIDIS
         draw.text((x + 2, 24), panel, fill="black", font=font)
-        for col, name in enumerate(_columns(panel)):
-            if name != panel:
-                draw.text((x + col * cell_w + 4, 40), name, fill="black", font=font)
+        for col, metric in enumerate(_metrics(panel)):
+            if metric.short != panel:
+                draw.text((x + col * cell_w + 4, 40), metric.short, fill="black", font=font)
             for row in range(len(grid.layers)):
                 shade = grid.shades[panel][row, col]
                 fill = _colour(anchors, shade)
                 box = (x + col * cell_w, top + row * cell_h, x + (col + 1) * cell_w - 1, top + (row + 1) * cell_h - 1)
                 draw.rectangle(box, fill=fill)
                 luminance = 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2]
-                draw.text((box[0] + 4, box[1] + 4), _cell_text(grid.values[panel][row, col], name),
-                          fill="black" if luminance > 140 else "white", font=font)
+                draw.text(
+                    (box[0] + 4, box[1] + 4),
+                    _cell_text(grid.values[panel][row, col], metric),
+                    fill="black" if luminance > 140 else "white",
+                    font=font,
+                )
         x += panel_w + gap
     image.save(path, format="PNG")

@@ -4,26 +4,48 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from ..monitor import TapResult
+from ..records import METRICS, TapResult, MetricValues, layer_metrics
 from ..writers import format_layer_table
 
-METRICS = ("spectral_entropy", "participation_ratio", "eee")
-METRIC_LABELS = {"spectral_entropy": "SE", "participation_ratio": "PR", "eee": "EEE", "js": "JS"}
 
+@dataclass(init=False)
+class LayerResult(MetricValues):
+    """One layer's taps and its per-layer metrics (``result.js``: JS(p_pre || p_post), None when the two
+    spectra differ in length); ``values`` defaults to the metrics of ``pre`` and ``post``."""
 
-@dataclass
-class LayerResult:
+    _per_tap: ClassVar[bool] = False
+    _missing: ClassVar[None] = None
+
     layer: int
     pre: TapResult
     post: TapResult
-    js: float | None  # JS(p_pre || p_post); None when the two spectra differ in length
-    pre_module: str = ""
-    post_module: str = ""
+    pre_module: str
+    post_module: str
+    values: dict[str, float | None]
+
+    def __init__(
+        self,
+        layer: int,
+        pre: TapResult,
+        post: TapResult,
+        pre_module: str = "",
+        post_module: str = "",
+        *,
+        values: dict[str, float | None] | None = None,
+        **metrics: float | None,
+    ):
+        self.layer, self.pre, self.post, self.pre_module, self.post_module = layer, pre, post, pre_module, post_module
+        self._take_metrics(layer_metrics(pre, post) if values is None and not metrics else values, metrics)
 
     def to_dict(self, spectrum_points: int = 64) -> dict:
-        out = {"layer": self.layer, "pre": self.pre.to_json(spectrum_points),
-               "post": self.post.to_json(spectrum_points), "js": self.js}
+        out = {
+            "layer": self.layer,
+            "pre": self.pre.to_json(spectrum_points),
+            "post": self.post.to_json(spectrum_points),
+        }
+        out.update({m.name: getattr(self, m.name) for m in METRICS.per_layer})
         out["pre"]["module"], out["post"]["module"] = self.pre_module, self.post_module
         return out
 
@@ -52,17 +74,25 @@ class AnalysisResults:
 
     def metric(self, name: str, tap: str | None = None) -> list[float | None]:
         """One value per layer: ``metric("js")`` or ``metric("eee", "pre")``."""
-        if name == "js":
-            return [r.js for r in self.layers]
-        if name not in METRICS or tap not in ("pre", "post"):
-            raise ValueError(f"metric({name!r}, {tap!r}): expected 'js', or one of {METRICS} with tap 'pre' or "
-                             "'post'")
+        metric = METRICS.get(name)
+        if metric is not None and not metric.per_tap:
+            return [getattr(r, name) for r in self.layers]
+        if metric is None or tap not in ("pre", "post"):
+            layer_names = ", ".join(repr(m.name) for m in METRICS.per_layer)
+            raise ValueError(
+                f"metric({name!r}, {tap!r}): expected {layer_names}, or one of "
+                f"{tuple(m.name for m in METRICS.per_tap)} with tap 'pre' or 'post'"
+            )
         return [getattr(getattr(r, tap), name) for r in self.layers]
 
     def to_dict(self, spectrum_points: int = 64) -> dict:
         """JSON-ready; each tap keeps its eigenvalues at up to ``spectrum_points`` log-spaced ranks."""
-        return {"model": self.model, "architecture": self.architecture, "tokens": self.tokens,
-                "layers": [r.to_dict(spectrum_points) for r in self.layers]}
+        return {
+            "model": self.model,
+            "architecture": self.architecture,
+            "tokens": self.tokens,
+            "layers": [r.to_dict(spectrum_points) for r in self.layers],
+        }
 
     def to_json(self, path=None, spectrum_points: int = 64) -> str:
         text = json.dumps(self.to_dict(spectrum_points), indent=2)
@@ -80,8 +110,10 @@ class AnalysisResults:
 
 def format_summary(results: AnalysisResults) -> str:
     dims = sorted({r.pre.dim for r in results.layers})
-    title = (f"NerVE: {results.model} ({results.architecture} layout), {results.tokens} tokens, "
-             f"FFN width {', '.join(map(str, dims))} (pre -> post)")
+    title = (
+        f"NerVE: {results.model} ({results.architecture} layout), {results.tokens} tokens, "
+        f"FFN width {', '.join(map(str, dims))} (pre -> post)"
+    )
     return "\n".join([title, *format_layer_table([r.to_dict(spectrum_points=0) for r in results.layers])])
 
 

@@ -36,7 +36,12 @@ def hf_tokenizer(path: str | os.PathLike) -> TokenSource:
     pad = next((i for i in (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) if i is not None), 0)
     return TokenSource(
         encode=lambda text: tok(text, add_special_tokens=False, verbose=False)["input_ids"],
-        pad_id=pad, name=f"HuggingFace tokenizer {path}", prefix=prefix, suffix=suffix, vocab_size=len(tok))
+        pad_id=pad,
+        name=f"HuggingFace tokenizer {path}",
+        prefix=prefix,
+        suffix=suffix,
+        vocab_size=len(tok),
+    )
 
 
 def _framing(tok) -> tuple[list[int], list[int]]:
@@ -45,8 +50,8 @@ def _framing(tok) -> tuple[list[int], list[int]]:
     plain = tok(probe, add_special_tokens=False)["input_ids"]
     framed = tok(probe, add_special_tokens=True)["input_ids"]
     for start in range(len(framed) - len(plain) + 1):
-        if framed[start:start + len(plain)] == plain:
-            return framed[:start], framed[start + len(plain):]
+        if framed[start : start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain) :]
     return [], []
 
 
@@ -56,8 +61,13 @@ def tiktoken_tokenizer(path: str | os.PathLike | None = None) -> TokenSource:
     from nerve_plugin.torchtitan.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer
 
     tok = TiktokenTokenizer(path or SHIPPED_VOCAB)
-    return TokenSource(encode=lambda text: tok.encode(text), pad_id=tok.eos_id, name=f"tiktoken {tok.path}",
-                       prefix=[tok.bos_id], vocab_size=tok.get_vocab_size())
+    return TokenSource(
+        encode=lambda text: tok.encode(text),
+        pad_id=tok.eos_id,
+        name=f"tiktoken {tok.path}",
+        prefix=[tok.bos_id],
+        vocab_size=tok.get_vocab_size(),
+    )
 
 
 def is_tiktoken_file(path: str | os.PathLike) -> bool:
@@ -81,7 +91,7 @@ def read_documents(files: Iterable[str | os.PathLike], source: TokenSource, max_
                 cut = text.rfind("\n") + 1 or len(text)  # cut at a line end, so no word is split
                 carry = text[cut:]
                 ids += source.encode(text[:cut])
-        ids = ids[:max_tokens - total]
+        ids = ids[: max_tokens - total]
         if ids:
             documents.append(ids)
             total += len(ids)
@@ -94,12 +104,14 @@ def windows(documents: list[list[int]], seq_len: int, source: TokenSource) -> tu
     """[n, seq_len] input ids and attention mask (0 at padding)."""
     room = seq_len - len(source.prefix) - len(source.suffix)
     if room < 1:
-        raise ValueError(f"seq_len {seq_len} leaves no room for text after the tokenizer's special tokens "
-                         f"{source.prefix + source.suffix}")
+        raise ValueError(
+            f"seq_len {seq_len} leaves no room for text after the tokenizer's special tokens "
+            f"{source.prefix + source.suffix}"
+        )
     rows, masks = [], []
     for ids in documents:
         for start in range(0, len(ids), room):
-            row = source.prefix + ids[start:start + room] + source.suffix
+            row = source.prefix + ids[start : start + room] + source.suffix
             rows.append(row + [source.pad_id] * (seq_len - len(row)))
             masks.append([1] * len(row) + [0] * (seq_len - len(row)))
     if not rows:

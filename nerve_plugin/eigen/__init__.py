@@ -98,14 +98,21 @@ class BatchedEigensolver:
     chunk shape is captured once in a CUDA graph and replayed at later logging steps: replaying costs the GPU
     work alone. A captured graph keeps its chunk's float64 workspace (at most ``workspace_bytes``) between
     logging steps; ``release()`` frees it. Many large matrices (``plan``) go instead in larger one-off eager
-    chunks (at most ``eager_workspace_bytes``), where the GPU work outweighs the launches. Results are checked against two invariants every exact solve keeps
+    chunks (at most ``eager_workspace_bytes``), where the GPU work outweighs the launches. Results are checked
+    against two invariants every exact solve keeps
     (the trace and the Frobenius norm); a matrix that fails them, or whose kernels stalled, is solved again by
     torch.linalg.eigvalsh.
     """
 
-    def __init__(self, bandwidth: int = DEFAULT_BANDWIDTH, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                 graphs: bool = True, device_types: tuple[str, ...] = ("cuda",),
-                 eager_workspace_bytes: int = DEFAULT_EAGER_WORKSPACE_BYTES, eager_min_dim: int = EAGER_MIN_DIM):
+    def __init__(
+        self,
+        bandwidth: int = DEFAULT_BANDWIDTH,
+        workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+        graphs: bool = True,
+        device_types: tuple[str, ...] = ("cuda",),
+        eager_workspace_bytes: int = DEFAULT_EAGER_WORKSPACE_BYTES,
+        eager_min_dim: int = EAGER_MIN_DIM,
+    ):
         self.bandwidth = bandwidth
         self.eager_workspace_bytes = eager_workspace_bytes
         self.eager_min_dim = eager_min_dim
@@ -197,7 +204,9 @@ class BatchedEigensolver:
             bad = (~good).nonzero().flatten().tolist()  # one host sync per chunk: the results are needed now
             for i in bad:
                 fell_back.add(lo + i)
-                logger.warning(f"nerve: batched eigen-solve of a {dim} x {dim} matrix failed its checks; using eigvalsh")
+                logger.warning(
+                    f"nerve: batched eigen-solve of a {dim} x {dim} matrix failed its checks; using eigvalsh"
+                )
                 m = matrices[lo + i].to(torch.float64)
                 out[lo + i] = torch.linalg.eigvalsh(0.5 * (m + m.mT) * scales[lo + i]).flip(-1)
         return out.clamp_min_(EIG_FLOOR), fell_back

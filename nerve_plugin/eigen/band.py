@@ -108,9 +108,7 @@ def reduce_to_band(
     if method not in _PANEL_METHODS:
         raise ValueError(f"panel must be one of {_PANEL_METHODS}, got {panel!r}")
     batch, n = a.shape[0], a.shape[-1]
-    if status is not None and (
-        status.shape != (batch,) or status.dtype != torch.int32 or status.device != a.device
-    ):
+    if status is not None and (status.shape != (batch,) or status.dtype != torch.int32 or status.device != a.device):
         raise ValueError(f"status must be a ({batch},) int32 tensor on {a.device}")
     starts = panel_starts(n, bandwidth)
     # Triton launches on the current CUDA device, which need not be a's.
@@ -331,8 +329,8 @@ def _householder_column_step(
 # never finishes (another kernel of this process or another spinning on its own barriers, as an MPS client
 # limited to part of the SMs or a green context would be), and multi_processor_count is the SMs we may use.
 # Other kernels that finish delay the waits, they do not deadlock them. If the assumption fails anyway, every
-# wait gives up after primitives.SPIN_LIMIT polls and flags its matrix (the result is then garbage; the caller falls back),
-# and the later waits of a flagged matrix return at once.
+# wait gives up after primitives.SPIN_LIMIT polls and flags its matrix (the result is then garbage; the caller falls
+# back), and the later waits of a flagged matrix return at once.
 
 # Tilings the automatic plan tries, in order of preference, as (doubles per thread of the register slab, warps):
 # BLOCK_ROWS x BLOCK_COLS = doubles x 32 x warps. Compiled for sm_90 (Triton 3.9, b = 32) the kernel takes about
@@ -541,7 +539,8 @@ def _householder_panel_persistent_kernel(
     local3 = tl.arange(0, BLOCK_ROWS)[None, :, None]
     block = tl.load(
         slab_base + local3 * stride_pr + cols3 * stride_pc,
-        mask=(rows3 < num_rows) & (cols3 < num_cols), other=0.0,
+        mask=(rows3 < num_rows) & (cols3 < num_cols),
+        other=0.0,
     )
     vt_base = vt_ptr + matrix64 * stride_vb
     dots_base = dots_ptr + matrix64 * (2 * num_programs * BLOCK_COLS)
@@ -589,7 +588,8 @@ def _householder_panel_persistent_kernel(
         block = tl.where(cols3 == j, _row_vector(new_col_j), block)
         tl.store(vt_base + j * stride_vr + rows, v, mask=live_rows)
     tl.store(
-        slab_base + local3 * stride_pr + cols3 * stride_pc, block,
+        slab_base + local3 * stride_pr + cols3 * stride_pc,
+        block,
         mask=(rows3 < num_rows) & (cols3 < num_cols),
     )
 

@@ -18,7 +18,8 @@ Waiting on other programs is safe only if those are running or done. Programs ta
 ticket counter when they start, sweep-major, so every program waits only on a ticket handed out before its own,
 to a program that is already running: progress never depends on how many programs the GPU holds at once or in
 which order it starts them (the decoupled look-back of GPU prefix scans rests on the same argument). Every wait
-is still bounded: after ``primitives.SPIN_LIMIT`` polls a program flags its matrix, whose result the caller then discards.
+is still bounded: after ``primitives.SPIN_LIMIT`` polls a program flags its matrix, whose result the caller then
+discards.
 Triton's interpreter (the CPU tests) runs the programs one after another in ticket order, so it runs this very
 code and never waits.
 
@@ -36,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .primitives import householder_scalars, wait_until
+
 
 @triton.jit
 def _reflector(x, first):
@@ -119,16 +121,16 @@ def _band_work(band: torch.Tensor, bandwidth: int) -> torch.Tensor:
     return work
 
 
-def band_to_tridiagonal(
-    band: torch.Tensor, num_warps: int = 1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def band_to_tridiagonal(band: torch.Tensor, num_warps: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Diagonal (B, n), sub-diagonal (B, n - 1) of a tridiagonal matrix orthogonally similar to each lower band
     (B, n, b + 1) (``band[i, c, d] = A[i, c + d, c]``), and a (B,) int32 status: non-zero where a matrix's
     programs stalled (its result is then unusable; the caller falls back). On a CPU tensor it needs
     TRITON_INTERPRET=1 set before this module is imported.
     """
     if band.dtype != torch.float64 or band.dim() != 3:
-        raise ValueError(f"band_to_tridiagonal expects a (B, n, b + 1) float64 band, got {band.dtype} {tuple(band.shape)}")
+        raise ValueError(
+            f"band_to_tridiagonal expects a (B, n, b + 1) float64 band, got {band.dtype} {tuple(band.shape)}"
+        )
     batch, n, width = band.shape
     bandwidth = width - 1
     if bandwidth < 1 or bandwidth & (bandwidth - 1):

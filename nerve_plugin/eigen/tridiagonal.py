@@ -222,8 +222,9 @@ def _sturm_bisection_kernel(
     tl.store(iterations_ptr + matrix * num_blocks + block, iteration)
 
 
-def tridiagonal_eigvalsh(d: torch.Tensor, e: torch.Tensor, *, block: int = 64, num_warps: int | None = None,
-                         newton: bool = True) -> torch.Tensor:
+def tridiagonal_eigvalsh(
+    d: torch.Tensor, e: torch.Tensor, *, block: int = 64, num_warps: int | None = None, newton: bool = True
+) -> torch.Tensor:
     """All eigenvalues, ascending, of the symmetric tridiagonal matrices with diagonals ``d`` (B, n) and
     sub-diagonals ``e`` (B, n - 1), float64, as a (B, n) float64 tensor on their device.
 
@@ -234,13 +235,16 @@ def tridiagonal_eigvalsh(d: torch.Tensor, e: torch.Tensor, *, block: int = 64, n
     if d.dim() != 2 or e.dim() != 2 or e.shape != (d.shape[0], max(d.shape[1] - 1, 0)):
         raise ValueError(f"expected d (B, n) and e (B, n - 1), got {tuple(d.shape)} and {tuple(e.shape)}")
     if d.dtype != torch.float64 or e.dtype != torch.float64 or d.device != e.device:
-        raise ValueError(f"expected float64 tensors on one device, got {d.dtype} on {d.device}, {e.dtype} on "
-                         f"{e.device}")
+        raise ValueError(
+            f"expected float64 tensors on one device, got {d.dtype} on {d.device}, {e.dtype} on {e.device}"
+        )
     if block < 1 or block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
     if not d.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing "
-                           "nerve_plugin.eigen.tridiagonal")
+        raise RuntimeError(
+            "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before importing "
+            "nerve_plugin.eigen.tridiagonal"
+        )
     batch, n = d.shape
     if batch == 0 or n == 0:
         return d.clone()
@@ -291,8 +295,20 @@ def _launch(diag, offdiag_sq, bounds, n, *, block=64, num_warps=None, newton=Tru
         share_chunk = 1 if diag.is_cuda else min(block, 64)
     with torch.cuda.device(device) if diag.is_cuda else contextlib.nullcontext():
         _sturm_bisection_kernel[(batch, num_blocks)](
-            diag, offdiag_sq, bounds, out, probes, probe_counts, iterations, n, num_blocks,
-            BLOCK=block, SHARE_CHUNK=share_chunk, NEWTON=newton, NEWTON_ITERS=NEWTON_ITERS,
+            diag,
+            offdiag_sq,
+            bounds,
+            out,
+            probes,
+            probe_counts,
+            iterations,
+            n,
+            num_blocks,
+            BLOCK=block,
+            SHARE_CHUNK=share_chunk,
+            NEWTON=newton,
+            NEWTON_ITERS=NEWTON_ITERS,
             MAX_ITERS=MAX_ITERS_NEWTON if newton else MAX_ITERS_BISECTION,
-            num_warps=num_warps or max(1, block // 32))
+            num_warps=num_warps or max(1, block // 32),
+        )
     return out, iterations

@@ -336,8 +336,10 @@ class Muon(Optimizer):
         if use_muon:
             for p in self.param_groups[-1]["params"]:
                 if p.ndim != 2:
-                    raise ValueError(f"Muon: a use_muon group holds a parameter of shape {tuple(p.shape)}; "
-                                     "Muon needs 2-D matrices (put the rest in a group with use_muon=False)")
+                    raise ValueError(
+                        f"Muon: a use_muon group holds a parameter of shape {tuple(p.shape)}; "
+                        "Muon needs 2-D matrices (put the rest in a group with use_muon=False)"
+                    )
                 if torch.is_complex(p):
                     raise ValueError("Muon: complex parameters are not supported")
                 row_layout(p)  # unsupported layouts fail here, at construction

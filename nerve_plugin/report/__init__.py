@@ -2,8 +2,9 @@
 
     nerve-report <dump_folder>/nerve/metrics.jsonl --tensorboard <dump_folder>/tb -o report.html
 
-data.py reads the records, svg.py draws the figures, page.py lays out the page, cli.py is the command. Imports
-neither torch nor torchtitan itself (tensorboard only to read a loss curve).
+data.py reads the records, svg.py draws the figures, page.py lays out the page, cli.py is the command. The
+metrics' names, titles and labels are nerve_plugin.records' registry; no torchtitan is imported (tensorboard only
+to read a loss curve).
 """
 
 from .cli import build_report, main

@@ -20,8 +20,14 @@ def find_jsonl(run: str) -> str:
     return run
 
 
-def build_report(run: str, output: str | None = None, tensorboard: str | None = None,
-                 layers: list[int] | None = None, steps: list[int] | None = None, title: str = "") -> str:
+def build_report(
+    run: str,
+    output: str | None = None,
+    tensorboard: str | None = None,
+    layers: list[int] | None = None,
+    steps: list[int] | None = None,
+    title: str = "",
+) -> str:
     """Write the report of ``run`` (a JSONL file or a dump folder) to ``output``; returns its path.
 
     ``tensorboard``: a folder of TensorBoard runs for the loss curve; by default the dump folder's ``tb`` when
@@ -41,8 +47,9 @@ def build_report(run: str, output: str | None = None, tensorboard: str | None = 
     page = render(data, choose(data, layers, steps), jsonl, tensorboard, title)
     output = output or os.path.join(os.path.dirname(os.path.abspath(jsonl)), "report.html")
     if os.path.isdir(output):
-        raise ReportError(f"-o {output} is a folder: expected the HTML file to write, e.g. "
-                          f"{os.path.join(output, 'report.html')}")
+        raise ReportError(
+            f"-o {output} is a folder: expected the HTML file to write, e.g. {os.path.join(output, 'report.html')}"
+        )
     aside = output + ".tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -67,16 +74,25 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="nerve-report", description="A self-contained HTML report of a NerVE run: heatmaps (layer x step) "
-        "of SE, PR, EEE (pre, post, post - pre) and JS, chosen layers over steps, eigen-spectra at chosen steps.")
+        prog="nerve-report",
+        description="A self-contained HTML report of a NerVE run: heatmaps (layer x step) "
+        "of SE, PR, EEE (pre, post, post - pre) and JS, chosen layers over steps, eigen-spectra at chosen steps.",
+    )
     parser.add_argument("run", help="the run's JSONL (<dump_folder>/nerve/metrics.jsonl) or its dump folder")
     parser.add_argument("-o", "--output", help="the HTML file to write (default: report.html next to the JSONL)")
-    parser.add_argument("--tensorboard", metavar="DIR", help="TensorBoard folder for the loss curve (default: "
-                        "<dump_folder>/tb when RUN is a dump folder)")
-    parser.add_argument("--layers", type=_int_list, help="layers of the line plots and spectra, e.g. 0,5,11 "
-                        "(default: 4 spread over depth)")
-    parser.add_argument("--steps", type=_int_list, help="logged steps of the spectra, e.g. 1,500,1000 (default: "
-                        "first, middle, last)")
+    parser.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        help="TensorBoard folder for the loss curve (default: <dump_folder>/tb when RUN is a dump folder)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=_int_list,
+        help="layers of the line plots and spectra, e.g. 0,5,11 (default: 4 spread over depth)",
+    )
+    parser.add_argument(
+        "--steps", type=_int_list, help="logged steps of the spectra, e.g. 1,500,1000 (default: first, middle, last)"
+    )
     parser.add_argument("--title", default="", help="the page's title (default: NerVE report)")
     args = parser.parse_args(argv)
     try:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-TAPS = ("pre", "post")
-METRICS = ("spectral_entropy", "participation_ratio", "eee")
+from ..records import METRICS
+from ..spectrum import EIG_FLOOR  # the monitor clamps eigenvalues here: at the floor they are zeros, not a spectrum
+from ..taps import TAPS
+
 LOSS_TAG = "loss_metrics/global_avg_loss"
-EIGENVALUE_FLOOR = 1e-12  # the monitor clamps eigenvalues here: at the floor they are zeros, not a spectrum
 
 
 @dataclass
@@ -29,7 +30,9 @@ class Spectrum:
 class RunData:
     steps: list[int]  # logged steps, ascending: the heatmaps' columns
     layers: list[int]  # layer indices, ascending: the heatmaps' rows
-    values: dict[str, np.ndarray]  # "<metric>_<tap>" and "js" -> float64 [layers, steps], NaN where missing
+    # "<metric>_<tap>" of per-tap metrics and "<metric>" of per-layer ones ("js") -> float64 [layers, steps],
+    # NaN where missing
+    values: dict[str, np.ndarray]
     dims: dict[str, dict[int, int]]  # tap -> {layer: dim}
     tokens: dict[str, dict[int, int]]  # tap -> {step: tokens of that step's first layer}
     raw_spectra: dict[tuple[int, int, str], tuple]  # (step, layer, tap) -> (the record's spectrum, dim)
@@ -83,21 +86,22 @@ def load_run(path: str) -> RunData:
     steps = sorted({s for s, _ in records})
     layers = sorted({layer for _, layer in records})
     col, row = {s: i for i, s in enumerate(steps)}, {layer: i for i, layer in enumerate(layers)}
-    values = {f"{m}_{t}": np.full((len(layers), len(steps)), np.nan) for m in METRICS for t in TAPS}
-    values["js"] = np.full((len(layers), len(steps)), np.nan)
+    values = {f"{m.name}_{t}": np.full((len(layers), len(steps)), np.nan) for m in METRICS.per_tap for t in TAPS}
+    values.update({m.name: np.full((len(layers), len(steps)), np.nan) for m in METRICS.per_layer})
     dims: dict[str, dict[int, int]] = {t: {} for t in TAPS}
     tokens: dict[str, dict[int, int]] = {t: {} for t in TAPS}
     raw_spectra, status, seen = {}, {}, set()
     for (step, layer), record in sorted(records.items()):
         i, j = row[layer], col[step]
-        values["js"][i, j] = _number(record.get("js"))
+        for metric in METRICS.per_layer:
+            values[metric.name][i, j] = _number(record.get(metric.name))
         for tap in TAPS:
             result = record.get(tap)
             if not isinstance(result, dict):
                 continue
             seen.add(tap)
-            for metric in METRICS:
-                values[f"{metric}_{tap}"][i, j] = _number(result.get(metric))
+            for metric in METRICS.per_tap:
+                values[f"{metric.name}_{tap}"][i, j] = _number(result.get(metric.name))
             if isinstance(result.get("dim"), int):
                 dims[tap][layer] = result["dim"]
             if isinstance(result.get("tokens"), int):
@@ -105,8 +109,19 @@ def load_run(path: str) -> RunData:
             if result.get("status", "ok") != "ok":
                 status[str(result["status"])] = status.get(str(result["status"]), 0) + 1
             raw_spectra[(step, layer, tap)] = (result.get("spectrum"), result.get("dim"))
-    return RunData(steps, layers, values, dims, tokens, raw_spectra, len(records), duplicates, unreadable, status,
-                   taps=[tap for tap in TAPS if tap in seen])
+    return RunData(
+        steps,
+        layers,
+        values,
+        dims,
+        tokens,
+        raw_spectra,
+        len(records),
+        duplicates,
+        unreadable,
+        status,
+        taps=[tap for tap in TAPS if tap in seen],
+    )
 
 
 def _spectrum(spectrum, dim) -> Spectrum | None:
@@ -122,7 +137,7 @@ def _spectrum(spectrum, dim) -> Spectrum | None:
     if not isinstance(ranks, list) or not isinstance(eigs, list) or len(ranks) != len(eigs):
         return None
     points = [(r, _number(e)) for r, e in zip(ranks, eigs) if isinstance(r, int) and r >= 1]
-    points = [(r, e) for r, e in points if e > EIGENVALUE_FLOOR * (1 + 1e-9) and math.isfinite(e)]
+    points = [(r, e) for r, e in points if e > EIG_FLOOR * (1 + 1e-9) and math.isfinite(e)]
     return Spectrum([r for r, _ in points], [e for _, e in points]) if points else None
 
 

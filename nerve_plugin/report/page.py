@@ -11,13 +11,11 @@ from html import escape
 
 import numpy as np
 
-from .data import METRICS, RunData
+from ..records import METRICS
+from ..spectrum import EIG_FLOOR
+from .data import RunData
 from .svg import DIVERGING, PALETTE, VIRIDIS, Heatmap, LinePlot, Series, heatmap_svg, line_plot_svg, value_range
 
-NAMES = {"spectral_entropy": "Spectral entropy", "participation_ratio": "Participation ratio",
-         "eee": "Eigenvalue early enrichment",
-         "js": "JS divergence"}
-SHORT = {"spectral_entropy": "SE", "participation_ratio": "PR", "eee": "EEE", "js": "JS"}
 MINUS = "\u2212"
 
 
@@ -47,56 +45,98 @@ def choose(run: RunData, layers: list[int] | None, steps: list[int] | None) -> C
     for name, wanted, have in (("--layers", layers, run.layers), ("--steps", steps, run.steps)):
         missing = [v for v in wanted or [] if v not in have]
         if missing:
-            raise ReportError(f"{name} {','.join(map(str, missing))}: not in the run; expected values from "
-                              f"{_abbreviate(have)}")
+            raise ReportError(
+                f"{name} {','.join(map(str, missing))}: not in the run; expected values from {_abbreviate(have)}"
+            )
     return Choice(layers or default_layers(run.layers), steps or default_steps(run.steps))
 
 
 def _abbreviate(values: list[int], most: int = 12) -> str:
     if len(values) <= most:
         return ", ".join(map(str, values))
-    return ", ".join(map(str, values[:most // 2])) + ", ..., " + ", ".join(map(str, values[-most // 2:]))
+    return ", ".join(map(str, values[: most // 2])) + ", ..., " + ", ".join(map(str, values[-most // 2 :]))
 
 
 # -- figures ------------------------------------------------------------------------------------------------------
 
 
 def heatmaps(run: RunData) -> list[str]:
-    """Per metric: pre, post (one colour scale for both), post - pre (diverging, centred on 0); then JS."""
+    """Per per-tap metric: pre, post (one colour scale for both), post - pre (diverging, centred on 0); then the
+    per-layer metrics (JS)."""
     figures = []
-    for metric in METRICS:
-        name = f"{NAMES[metric]} ({SHORT[metric]})"
-        maps = {tap: run.values[f"{metric}_{tap}"] for tap in run.taps}
+    for metric in METRICS.per_tap:
+        name = f"{metric.title} ({metric.short})"
+        maps = {tap: run.values[f"{metric.name}_{tap}"] for tap in run.taps}
         shared = value_range(np.concatenate([m.ravel() for m in maps.values()])) if maps else (0.0, 1.0)
         for tap, values in maps.items():
-            figures.append(heatmap_svg(Heatmap(f"{name}, {tap}", values, run.steps, run.layers, VIRIDIS, shared,
-                                               key=f"{metric}_{tap}")))
+            figures.append(
+                heatmap_svg(
+                    Heatmap(
+                        f"{name}, {tap}", values, run.steps, run.layers, VIRIDIS, shared, key=f"{metric.name}_{tap}"
+                    )
+                )
+            )
         if len(maps) == 2:
             diff = maps["post"] - maps["pre"]
-            figures.append(heatmap_svg(Heatmap(f"{name}, post {MINUS} pre", diff, run.steps, run.layers, DIVERGING,
-                                               value_range(diff, symmetric=True), key=f"{metric}_diff")))
+            figures.append(
+                heatmap_svg(
+                    Heatmap(
+                        f"{name}, post {MINUS} pre",
+                        diff,
+                        run.steps,
+                        run.layers,
+                        DIVERGING,
+                        value_range(diff, symmetric=True),
+                        key=f"{metric.name}_diff",
+                    )
+                )
+            )
     if len(run.taps) == 2:
-        figures.append(heatmap_svg(Heatmap("JS divergence (pre \u2016 post)", run.values["js"], run.steps, run.layers,
-                                           VIRIDIS, key="js")))
+        for metric in METRICS.per_layer:
+            figures.append(
+                heatmap_svg(
+                    Heatmap(
+                        f"{metric.title} (pre \u2016 post)",
+                        run.values[metric.name],
+                        run.steps,
+                        run.layers,
+                        VIRIDIS,
+                        key=metric.name,
+                    )
+                )
+            )
     return figures
 
 
 def curves(run: RunData, choice: Choice) -> list[str]:
     """Each metric over steps, one colour per chosen layer; post solid, pre dashed."""
     figures = []
-    for metric in (*METRICS, "js"):
+    for metric in METRICS:
         series = []
         for k, layer in enumerate(choice.layers):
             i = run.row(layer)
-            for tap in (run.taps if metric != "js" else [None]):
-                key = metric if tap is None else f"{metric}_{tap}"
+            for tap in run.taps if metric.per_tap else [None]:
+                key = metric.name if tap is None else f"{metric.name}_{tap}"
                 label = f"layer {layer}" + (f", {tap}" if tap else "")
-                series.append(Series(label, run.steps, run.values[key][i].tolist(), PALETTE[k % len(PALETTE)],
-                                     dashed=tap == "pre"))
-        if metric == "js" and len(run.taps) < 2:
+                series.append(
+                    Series(
+                        label, run.steps, run.values[key][i].tolist(), PALETTE[k % len(PALETTE)], dashed=tap == "pre"
+                    )
+                )
+        if not metric.per_tap and len(run.taps) < 2:
             continue
-        figures.append(line_plot_svg(LinePlot(f"{NAMES[metric]} ({SHORT[metric]}) over steps", series, "step",
-                                              SHORT[metric], size=(660, 270), key=f"curve-{metric}")))
+        figures.append(
+            line_plot_svg(
+                LinePlot(
+                    f"{metric.title} ({metric.short}) over steps",
+                    series,
+                    "step",
+                    metric.short,
+                    size=(660, 270),
+                    key=f"curve-{metric.name}",
+                )
+            )
+        )
     return figures
 
 
@@ -104,9 +144,16 @@ def loss_curve(run: RunData) -> str | None:
     if not run.loss:
         return None
     steps = sorted(run.loss)
-    return line_plot_svg(LinePlot("Training loss (TensorBoard loss_metrics/global_avg_loss)",
-                                  [Series("loss", steps, [run.loss[s] for s in steps], "#333333")],
-                                  "step", "loss", size=(660, 270), key="loss"))
+    return line_plot_svg(
+        LinePlot(
+            "Training loss (TensorBoard loss_metrics/global_avg_loss)",
+            [Series("loss", steps, [run.loss[s] for s in steps], "#333333")],
+            "step",
+            "loss",
+            size=(660, 270),
+            key="loss",
+        )
+    )
 
 
 def spectra(run: RunData, choice: Choice) -> list[str]:
@@ -118,22 +165,46 @@ def spectra(run: RunData, choice: Choice) -> list[str]:
             for tap in run.taps:
                 spectrum = run.spectrum(step, layer, tap)
                 if spectrum is not None:
-                    series.append(Series(f"layer {layer}, {tap}", spectrum.ranks, spectrum.eigenvalues,
-                                         PALETTE[k % len(PALETTE)], dashed=tap == "pre"))
-        figures.append(line_plot_svg(LinePlot(f"Eigen-spectrum at step {step}", series, "rank", "eigenvalue",
-                                              log=True, size=(430, 300), key=f"spectrum-{step}")))
+                    series.append(
+                        Series(
+                            f"layer {layer}, {tap}",
+                            spectrum.ranks,
+                            spectrum.eigenvalues,
+                            PALETTE[k % len(PALETTE)],
+                            dashed=tap == "pre",
+                        )
+                    )
+        figures.append(
+            line_plot_svg(
+                LinePlot(
+                    f"Eigen-spectrum at step {step}",
+                    series,
+                    "rank",
+                    "eigenvalue",
+                    log=True,
+                    size=(430, 300),
+                    key=f"spectrum-{step}",
+                )
+            )
+        )
     return figures
 
 
 def legend(run: RunData, choice: Choice) -> str:
-    items = [f'<span class="item"><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5" '
-             f'stroke="{PALETTE[k % len(PALETTE)]}" stroke-width="3"/></svg>layer {layer}</span>'
-             for k, layer in enumerate(choice.layers)]
+    items = [
+        f'<span class="item"><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5" '
+        f'stroke="{PALETTE[k % len(PALETTE)]}" stroke-width="3"/></svg>layer {layer}</span>'
+        for k, layer in enumerate(choice.layers)
+    ]
     if len(run.taps) == 2:
-        items.append('<span class="item"><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5" '
-                     'stroke="#333" stroke-width="2"/></svg>post</span>')
-        items.append('<span class="item"><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5" '
-                     'stroke="#333" stroke-width="2" stroke-dasharray="5 3"/></svg>pre</span>')
+        items.append(
+            '<span class="item"><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5" '
+            'stroke="#333" stroke-width="2"/></svg>post</span>'
+        )
+        items.append(
+            '<span class="item"><svg width="26" height="10"><line x1="0" y1="5" x2="26" y2="5" '
+            'stroke="#333" stroke-width="2" stroke-dasharray="5 3"/></svg>pre</span>'
+        )
     return f'<div class="legend">{"".join(items)}</div>'
 
 
@@ -158,8 +229,11 @@ def facts(run: RunData, source: str, tensorboard: str | None) -> list[tuple[str,
     if run.unreadable:
         note += f"; {run.unreadable} unreadable lines skipped"
     rows.append(("records", note))
-    missing = [f"{key.replace('_', ' ')}: {int(np.isnan(v).sum())}" for key, v in run.values.items()
-               if _measured(run, key) and np.isnan(v).any()]
+    missing = [
+        f"{key.replace('_', ' ')}: {int(np.isnan(v).sum())}"
+        for key, v in run.values.items()
+        if _measured(run, key) and np.isnan(v).any()
+    ]
     absent = len(run.steps) * len(run.layers) - run.records
     if absent:
         missing.insert(0, f"{absent} (step, layer) pairs without a record")
@@ -169,15 +243,21 @@ def facts(run: RunData, source: str, tensorboard: str | None) -> list[tuple[str,
     if tensorboard is not None:
         if run.loss:
             first, last = min(run.loss), max(run.loss)
-            rows.append(("loss", f"{run.loss[first]:.4g} at step {first} \u2192 {run.loss[last]:.4g} at step {last} "
-                                 f"({tensorboard})"))
+            rows.append(
+                (
+                    "loss",
+                    f"{run.loss[first]:.4g} at step {first} \u2192 {run.loss[last]:.4g} at step {last} ({tensorboard})",
+                )
+            )
         else:
             rows.append(("loss", f"none found in {tensorboard}"))
     return rows
 
 
 def _measured(run: RunData, key: str) -> bool:
-    return key == "js" and len(run.taps) == 2 or any(key.endswith("_" + tap) for tap in run.taps)
+    if key in {m.name for m in METRICS.per_layer}:
+        return len(run.taps) == 2
+    return any(key.endswith("_" + tap) for tap in run.taps)
 
 
 def _span(values) -> str:
@@ -192,23 +272,29 @@ def _span(values) -> str:
 
 def data_json(run: RunData) -> str:
     """The plotted values, NaN as null: what the tooltips show, and what a reader can copy out of the page."""
+
     def cells(array):
         return [[None if not math.isfinite(v) else v for v in row] for row in array.tolist()]
 
     values = {key: cells(v) for key, v in run.values.items() if _measured(run, key)}
     if len(run.taps) == 2:
-        for metric in METRICS:
-            values[f"{metric}_diff"] = cells(run.values[f"{metric}_post"] - run.values[f"{metric}_pre"])
-    data = {"steps": run.steps, "layers": run.layers, "values": values,
-            "loss": {str(s): v for s, v in sorted(run.loss.items())}}
+        for metric in METRICS.per_tap:
+            values[f"{metric.name}_diff"] = cells(run.values[f"{metric.name}_post"] - run.values[f"{metric.name}_pre"])
+    data = {
+        "steps": run.steps,
+        "layers": run.layers,
+        "values": values,
+        "loss": {str(s): v for s, v in sorted(run.loss.items())},
+    }
     # "</" would end the script element early
     return json.dumps(data, allow_nan=False).replace("</", "<\\/")
 
 
 def render(run: RunData, choice: Choice, source: str, tensorboard: str | None = None, title: str = "") -> str:
     heading = title or "NerVE report"
-    fact_rows = "\n".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>"
-                          for k, v in facts(run, source, tensorboard))
+    fact_rows = "\n".join(
+        f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in facts(run, source, tensorboard)
+    )
     loss = loss_curve(run)
     parts = [
         "<!DOCTYPE html>",
@@ -226,15 +312,23 @@ def render(run: RunData, choice: Choice, source: str, tensorboard: str | None = 
         "</div></header>",
         '<section id="heatmaps"><h2>Layer \u00d7 step</h2>',
         '<p class="note">Rows are layers (first on top), columns the logged steps. Pre and post of a metric share '
-        f'one colour scale; post {MINUS} pre is centred on 0 (red: post higher, blue: post lower). '
+        f"one colour scale; post {MINUS} pre is centred on 0 (red: post higher, blue: post lower). "
         '<span class="gap"></span> hatched: no value (a failed layer). Hover a cell for its value.</p>',
-        '<div class="grid3">', *heatmaps(run), "</div></section>",
-        '<section id="curves"><h2>Chosen layers over steps</h2>', legend(run, choice),
-        '<div class="grid2">', *curves(run, choice), "</div></section>",
+        '<div class="grid3">',
+        *heatmaps(run),
+        "</div></section>",
+        '<section id="curves"><h2>Chosen layers over steps</h2>',
+        legend(run, choice),
+        '<div class="grid2">',
+        *curves(run, choice),
+        "</div></section>",
         '<section id="spectra"><h2>Eigen-spectra</h2>',
         '<p class="note">Eigenvalues of the covariance against their rank, log-log (up to 64 log-spaced ranks '
-        'per spectrum; zero eigenvalues, at the 1e-12 floor, are left out).</p>', legend(run, choice),
-        '<div class="grid3">', *spectra(run, choice), "</div></section>",
+        f"per spectrum; zero eigenvalues, at the {EIG_FLOOR:g} floor, are left out).</p>",
+        legend(run, choice),
+        '<div class="grid3">',
+        *spectra(run, choice),
+        "</div></section>",
         f'<script type="application/json" id="nerve-data">{data_json(run)}</script>',
         f'<div id="tip"></div><script>{SCRIPT}</script>',
         "</body></html>",
@@ -287,7 +381,8 @@ SCRIPT = """
       if (!values || x < 0 || y < 0 || x >= pw || y >= ph) { tip.style.display = "none"; return; }
       const i = Math.floor(y / ph * rows), j = Math.floor(x / pw * cols);
       const v = values[i][j];
-      tip.textContent = `layer ${data.layers[i]}, step ${data.steps[j]}: ` + (v === null ? "no value" : v.toPrecision(5));
+      tip.textContent = `layer ${data.layers[i]}, step ${data.steps[j]}: `
+        + (v === null ? "no value" : v.toPrecision(5));
       tip.style.left = (e.clientX + 12) + "px";
       tip.style.top = (e.clientY + 12) + "px";
       tip.style.display = "block";

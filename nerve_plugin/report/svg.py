@@ -15,17 +15,15 @@ import numpy as np
 
 # Colormap anchors, interpolated linearly: viridis (sequential) and a red-blue diverging map, both the
 # colour-blind-safe maps matplotlib and ColorBrewer publish.
-VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b",
-           "#fde725"]
+VIRIDIS = ["#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"]
 DIVERGING = ["#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#f7f7f7", "#fddbc7", "#f4a582", "#d6604d", "#b2182b"]
 # Distinct line colours (Tableau 10), one per layer.
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf"]
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 GAP_FILL = "url(#nerve-gap)"  # the hatch pattern page.py defines once: a cell with no value
 
 
 def _rgb(hex_colour: str) -> tuple[int, int, int]:
-    return tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(hex_colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
 def colormap(anchors: list[str], t: np.ndarray) -> np.ndarray:
@@ -148,8 +146,9 @@ def heatmap_svg(h: Heatmap) -> str:
         out.append(_tick(px - 4, y, px, y))
         out.append(f'<text class="tick" x="{px - 6}" y="{y + 3.5:.1f}" text-anchor="end">{h.rows[i]}</text>')
     out.append(f'<text class="label" x="{px + pw / 2}" y="{py + ph + 32}" text-anchor="middle">step</text>')
-    out.append(f'<text class="label" transform="translate(14 {py + ph / 2}) rotate(-90)" text-anchor="middle">'
-               f"layer</text>")
+    out.append(
+        f'<text class="label" transform="translate(14 {py + ph / 2}) rotate(-90)" text-anchor="middle">layer</text>'
+    )
     out.append(colorbar(px + pw + 14, py, 12, ph, h.anchors, vrange))
     out.append("</svg>")
     return "\n".join(out)
@@ -251,16 +250,20 @@ def line_plot_svg(p: LinePlot) -> str:
             if decades is ticks:
                 label = _power_of_ten(t)
             else:  # less than two decades: plain numbers (log10 units on a log axis)
-                label = escape(fmt(10 ** t) if p.log else fmt(t, spacing))
+                label = escape(fmt(10**t) if p.log else fmt(t, spacing))
             if axis == "x":
                 out.append(f'<line class="grid" x1="{sx(t):.1f}" y1="{py}" x2="{sx(t):.1f}" y2="{py + ph}"/>')
                 out.append(f'<text class="tick" x="{sx(t):.1f}" y="{py + ph + 15}" text-anchor="middle">{label}</text>')
             else:
                 out.append(f'<line class="grid" x1="{px}" y1="{sy(t):.1f}" x2="{px + pw}" y2="{sy(t):.1f}"/>')
                 out.append(f'<text class="tick" x="{px - 6}" y="{sy(t) + 3.5:.1f}" text-anchor="end">{label}</text>')
-    out.append(f'<text class="label" x="{px + pw / 2}" y="{py + ph + 34}" text-anchor="middle">{escape(p.xlabel)}</text>')
-    out.append(f'<text class="label" transform="translate(14 {py + ph / 2}) rotate(-90)" text-anchor="middle">'
-               f"{escape(p.ylabel)}</text>")
+    out.append(
+        f'<text class="label" x="{px + pw / 2}" y="{py + ph + 34}" text-anchor="middle">{escape(p.xlabel)}</text>'
+    )
+    out.append(
+        f'<text class="label" transform="translate(14 {py + ph / 2}) rotate(-90)" text-anchor="middle">'
+        f"{escape(p.ylabel)}</text>"
+    )
     out.append(f'<clipPath id="clip-{escape(p.key)}"><rect x="{px}" y="{py}" width="{pw}" height="{ph}"/></clipPath>')
     out.append(f'<g clip-path="url(#clip-{escape(p.key)})">')
     for s in p.series:
@@ -271,8 +274,10 @@ def line_plot_svg(p: LinePlot) -> str:
                 out.append(f'<circle cx="{points[0][0]:.1f}" cy="{points[0][1]:.1f}" r="2.5" fill="{s.colour}"/>')
                 continue
             d = " ".join(f"{'M' if k == 0 else 'L'}{x:.1f},{y:.1f}" for k, (x, y) in enumerate(points))
-            out.append(f'<path d="{d}" fill="none" stroke="{s.colour}" stroke-width="1.8"{dash}>'
-                       f"<title>{escape(s.label)}</title></path>")
+            out.append(
+                f'<path d="{d}" fill="none" stroke="{s.colour}" stroke-width="1.8"{dash}>'
+                f"<title>{escape(s.label)}</title></path>"
+            )
     out.append("</g>")
     out.append("</svg>")
     return "\n".join(out)

@@ -59,16 +59,29 @@ def find_step_dir(path: str | Path) -> Path:
     if (path / ".metadata").is_file():
         return path
     for folder in (path, path / "checkpoint"):
-        steps = sorted(((int(m[1]), child) for child in folder.glob("step-*")
-                        if (m := _STEP_DIR.match(child.name)) and (child / ".metadata").is_file()),
-                       key=lambda pair: pair[0]) if folder.is_dir() else []
+        steps = (
+            sorted(
+                (
+                    (int(m[1]), child)
+                    for child in folder.glob("step-*")
+                    if (m := _STEP_DIR.match(child.name)) and (child / ".metadata").is_file()
+                ),
+                key=lambda pair: pair[0],
+            )
+            if folder.is_dir()
+            else []
+        )
         if steps:
             return steps[-1][1]
     if path.is_dir() and any(path.glob("*.safetensors")):
-        raise CheckpointError(f"{path} holds a HuggingFace safetensors checkpoint (checkpoint.last_save_in_hf), "
-                              "not DCP: load it with transformers and analyse that model")
-    raise CheckpointError(f"no torchtitan DCP checkpoint at {path}: expected a step-N directory (with .metadata), "
-                          "a checkpoint folder holding step-N directories, or a dump folder with checkpoint/")
+        raise CheckpointError(
+            f"{path} holds a HuggingFace safetensors checkpoint (checkpoint.last_save_in_hf), "
+            "not DCP: load it with transformers and analyse that model"
+        )
+    raise CheckpointError(
+        f"no torchtitan DCP checkpoint at {path}: expected a step-N directory (with .metadata), "
+        "a checkpoint folder holding step-N directories, or a dump folder with checkpoint/"
+    )
 
 
 def load_job_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> JobConfig:
@@ -112,8 +125,10 @@ def build_model(job_config: JobConfig, attention: str | None = "sdpa") -> nn.Mod
     except ValueError as e:
         raise CheckpointError(f"model.name = {name!r}: {e}") from None
     if flavor not in spec.model_args:
-        raise CheckpointError(f"model.flavor = {flavor!r} is not a flavor of {name!r}: expected one of "
-                              f"{', '.join(map(repr, spec.model_args))}")
+        raise CheckpointError(
+            f"model.flavor = {flavor!r} is not a flavor of {name!r}: expected one of "
+            f"{', '.join(map(repr, spec.model_args))}"
+        )
     model_args = copy.deepcopy(spec.model_args[flavor])
     model_args.update_from_config(job_config)
     if attention is not None and getattr(model_args, "attn_type", attention) != attention:
@@ -142,7 +157,8 @@ def load_weights(model: nn.Module, step_dir: str | Path) -> None:
     if missing:
         raise CheckpointError(
             f"{step_dir} lacks {len(missing)} of the model's {len(state)} tensors, e.g. {missing[:3]}: is "
-            "model.name / model.flavor / [variant] the run's?")
+            "model.name / model.flavor / [variant] the run's?"
+        )
     targets = {}
     for key, tensor in state.items():
         meta = stored[key]
@@ -151,7 +167,8 @@ def load_weights(model: nn.Module, step_dir: str | Path) -> None:
         if tuple(meta.size) != tuple(tensor.shape):
             raise CheckpointError(
                 f"{step_dir}: {key!r} has shape {tuple(meta.size)} in the checkpoint and {tuple(tensor.shape)} in "
-                "the model built from the job config: check model.flavor, training.seq_len and [variant]")
+                "the model built from the job config: check model.flavor, training.seq_len and [variant]"
+            )
         same = meta.properties.dtype == tensor.dtype
         targets[key] = tensor if same else torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
@@ -163,9 +180,16 @@ def load_weights(model: nn.Module, step_dir: str | Path) -> None:
                 tensor.copy_(targets[key])
 
 
-def load_checkpoint(path: str | Path, config_file: str | Path | None = None, *, model_name: str | None = None,
-                    flavor: str | None = None, variant: dict | None = None, overrides: Sequence[str] = (),
-                    attention: str | None = "sdpa") -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path,
+    config_file: str | Path | None = None,
+    *,
+    model_name: str | None = None,
+    flavor: str | None = None,
+    variant: dict | None = None,
+    overrides: Sequence[str] = (),
+    attention: str | None = "sdpa",
+) -> LoadedCheckpoint:
     """Build the run's model on the CPU and load a checkpoint into it (one process, no process group).
 
     ``path``: a step-N directory, a checkpoint folder (its latest step) or a dump folder. ``config_file``: the
@@ -182,11 +206,13 @@ def load_checkpoint(path: str | Path, config_file: str | Path | None = None, *, 
         args += [f"--variant.{key}", str(value)]
     job_config = load_job_config(config_file, args)
     if variant and job_config.model.name != "nerve_llama":
-        raise CheckpointError(f"[variant] options apply to model.name = 'nerve_llama' only, not "
-                              f"{job_config.model.name!r}")
+        raise CheckpointError(
+            f"[variant] options apply to model.name = 'nerve_llama' only, not {job_config.model.name!r}"
+        )
     model = build_model(job_config, attention=attention)
     load_weights(model, step_dir)
     model.eval()
     match = _STEP_DIR.match(step_dir.name)
-    return LoadedCheckpoint(model, step_dir, int(match[1]) if match else None, job_config.model.name,
-                            job_config.model.flavor, job_config)
+    return LoadedCheckpoint(
+        model, step_dir, int(match[1]) if match else None, job_config.model.name, job_config.model.flavor, job_config
+    )

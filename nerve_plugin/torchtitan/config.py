@@ -17,9 +17,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 from torchtitan.config.manager import ConfigManager
 
-from nerve_plugin.config_checks import SectionChecks
-from nerve_plugin.solve import usable_cores
-from nerve_plugin.monitor import EIGEN_SOLVE_PLACEMENTS, EIGENSOLVERS, ON_ERROR, SOLVE_MODES
+from nerve_plugin.config_checks import SectionChecks, renamed_keys
+from nerve_plugin.solve import SOLVE_TIMINGS, usable_cores
+from nerve_plugin.monitor import EIGENSOLVERS, ON_ERROR, RENAMED_KEYS, SOLVE_PLACEMENTS
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
 from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
 from nerve_plugin.variants.config import Variant, VariantConfigError
@@ -49,9 +49,10 @@ class Nerve:
     tokens_per_rank: int = 0
     """Token budget per rank and logging step, sub-sampled evenly over its forwards; 0 keeps every token."""
 
-    eigen_solve: str = "rank0"
+    solve_placement: str = "rank0"
     """Where the float64 eigen-solves run: "rank0" (the first rank of each pipeline stage) or "spread" (each
-    covariance is reduced to, and solved on, its own rank; results are gathered to the logging rank)."""
+    covariance is reduced to, and solved on, its own rank; results are gathered to the logging rank). Formerly
+    eigen_solve (still accepted, with a warning)."""
 
     outputs: list[str] = field(default_factory=lambda: list(OUTPUTS))
     """Where metrics go: "tensorboard" (torchtitan's own run, needs metrics.enable_tensorboard) and "jsonl"
@@ -63,12 +64,13 @@ class Nerve:
     seed: int = 0
     """Seed of the token sub-sampling."""
 
-    solve: str = "sync"
+    solve_timing: str = "sync"
     """When the float64 eigen-solves run: "sync" (at the logging step, on the statistics' device; training
     waits) or "overlap" (on a host thread while the next steps train; a logging step's records are written at
     the next logging step, before a checkpoint and at the end, with their own step; solves still queued when
     due run on the GPU then). Overlap pays off when the host finishes the solves within log_freq steps: pair it
-    with max_layers_per_step on large models (README, Performance)."""
+    with max_layers_per_step on large models (README, Performance). Formerly solve (still accepted, with a
+    warning)."""
 
     max_layers_per_step: int = 0
     """Measure at most this many layers per logging step, a window that moves on with each logging step and
@@ -106,22 +108,36 @@ class Nerve:
         check.choices("taps", self.taps, TAPS)
         if len(set(self.taps)) != len(self.taps):
             check.fail("taps", self.taps, f"distinct values from {list(TAPS)}")
-        if not isinstance(self.layers, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers):
+        if not isinstance(self.layers, list) or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in self.layers
+        ):
             check.fail("layers", self.layers, "a list of layer indices >= 0 (empty for all layers)")
-        check.integer("tokens_per_rank", self.tokens_per_rank, "0 (all tokens) or an integer >= 2", lambda v: v == 0 or v >= 2)
-        check.choice("eigen_solve", self.eigen_solve, EIGEN_SOLVE_PLACEMENTS)
+        check.integer(
+            "tokens_per_rank", self.tokens_per_rank, "0 (all tokens) or an integer >= 2", lambda v: v == 0 or v >= 2
+        )
+        check.choice("solve_placement", self.solve_placement, SOLVE_PLACEMENTS)
         check.choices("outputs", self.outputs, OUTPUTS, allow_empty=True)
         check.choice("spec", self.spec, SPECS)
         check.integer("seed", self.seed, "an integer")
-        check.choice("solve", self.solve, SOLVE_MODES)
-        check.integer("max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0)
+        check.choice("solve_timing", self.solve_timing, SOLVE_TIMINGS)
+        check.integer(
+            "max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0
+        )
         check.number("memory_budget_gb", self.memory_budget_gb, "a number of GiB > 0", lambda v: v > 0)
         cores = usable_cores()
-        check.integer("solver_threads", self.solver_threads, f"0 (automatic) or an integer from 1 to {cores} (this host's cores)",
-                      lambda v: 0 <= v <= cores)
+        check.integer(
+            "solver_threads",
+            self.solver_threads,
+            f"0 (automatic) or an integer from 1 to {cores} (this host's cores)",
+            lambda v: 0 <= v <= cores,
+        )
         check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
-        check.number("max_overhead", self.max_overhead, "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
-                     lambda v: 0 <= v < 1)
+        check.number(
+            "max_overhead",
+            self.max_overhead,
+            "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
+            lambda v: 0 <= v < 1,
+        )
         check.choice("on_error", self.on_error, ON_ERROR)
 
 
@@ -130,6 +146,38 @@ class JobConfig:
     nerve: Nerve = field(default_factory=Nerve)
     muon: Muon = field(default_factory=Muon)  # read when [optimizer] name = "Muon"
     variant: Variant = field(default_factory=Variant)  # options of the nerve_llama model family
+
+
+def _nerve_sections(config_cls) -> list[str]:
+    # a custom JobConfig that extends [nerve] gets a merged subclass of Nerve from torchtitan
+    return [f.name for f in fields(config_cls) if isinstance(f.type, type) and issubclass(f.type, Nerve)]
+
+
+def rename_keys_in_toml(config_cls, toml: dict) -> None:
+    """The [nerve] keys that were renamed (RENAMED_KEYS), put under their new names in the parsed TOML, with a
+    warning naming the new key."""
+    for name in _nerve_sections(config_cls):
+        if isinstance(toml.get(name), dict):
+            toml[name] = renamed_keys(toml[name], RENAMED_KEYS, name, NerveConfigError, stacklevel=3)
+
+
+def rename_options(config_cls, args: list[str]) -> list[str]:
+    """The command line with the renamed [nerve] keys' options (``--nerve.solve overlap``,
+    ``--nerve.eigen-solve=spread``) spelled with their new names, with a warning naming the new key."""
+    sections = set(_nerve_sections(config_cls))
+    out, given = [], {}
+    for i, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        section, _, key = option[2:].replace("-", "_").partition(".") if option.startswith("--") else ("", "", "")
+        if section in sections and (key in RENAMED_KEYS or key in RENAMED_KEYS.values()):
+            # the value, for the warning: "--nerve.solve=overlap" or "--nerve.solve overlap"
+            given.setdefault(section, {})[key] = value if equals or i + 1 == len(args) else args[i + 1]
+            if key in RENAMED_KEYS:
+                arg = f"--{section}.{RENAMED_KEYS[key]}{equals}{value}"
+        out.append(arg)
+    for section, keys in given.items():
+        renamed_keys(keys, RENAMED_KEYS, section, NerveConfigError, stacklevel=4)  # warns, refuses both names
+    return out
 
 
 def check_sections(config_cls, toml: dict) -> None:
@@ -143,7 +191,9 @@ def check_sections(config_cls, toml: dict) -> None:
             continue
         keys = ", ".join(k.name for k in fields(section))
         if not isinstance(toml[f.name], dict):
-            raise errors[section](f"{f.name} = {toml[f.name]!r} is not allowed: expected a [{f.name}] table with keys from {keys}")
+            raise errors[section](
+                f"{f.name} = {toml[f.name]!r} is not allowed: expected a [{f.name}] table with keys from {keys}"
+            )
         for key in toml[f.name]:
             if key not in {k.name for k in fields(f.type)}:
                 raise errors[section](f"[{f.name}] {key} is not a key of [{f.name}]: expected one of {keys}")
@@ -172,8 +222,11 @@ def check_flag_values(config_cls, args: list[str]) -> None:
             has_value, given = True, f"{arg} {args[i + 1]}"
         if has_value:
             on, off = f"--{section}.{name}", f"--{section}.no-{name.replace('_', '-')}"
-            print(f"{given}: {option} is a flag and takes no value: expected {on} (true) or {off} "
-                  f"(false); in a TOML, [{section}] {name} = true or false", file=sys.stderr)
+            print(
+                f"{given}: {option} is a flag and takes no value: expected {on} (true) or {off} "
+                f"(false); in a TOML, [{section}] {name} = true or false",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
 
 
@@ -188,7 +241,8 @@ class _FlagCheckingTyro:
 
     def cli(self, config_cls, *args, **kwargs):
         args_ = kwargs.get("args")
-        check_flag_values(config_cls, list(sys.argv[1:] if args_ is None else args_))
+        kwargs["args"] = rename_options(config_cls, list(sys.argv[1:] if args_ is None else args_))
+        check_flag_values(config_cls, kwargs["args"])
         return self.tyro.cli(config_cls, *args, **kwargs)
 
 
@@ -210,6 +264,7 @@ def _install_section_check() -> None:
 
     def _dict_to_dataclass(self, cls, data):
         if is_dataclass(cls) and isinstance(data, dict):
+            rename_keys_in_toml(cls, data)
             check_sections(cls, data)
         return original(self, cls, data)
 

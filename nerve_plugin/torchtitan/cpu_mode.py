@@ -107,8 +107,9 @@ def enable_cpu_mode() -> bool:
     original = fsdp_collectives._get_gradient_divide_factors
 
     @functools.wraps(original)
-    def divide_factors(rs_group, ar_group, reduce_dtype, device_type="", factor=None,
-                       force_sum_reduction_for_comms=False):
+    def divide_factors(
+        rs_group, ar_group, reduce_dtype, device_type="", factor=None, force_sum_reduction_for_comms=False
+    ):
         force = force_sum_reduction_for_comms or device_type == "cpu"
         return original(rs_group, ar_group, reduce_dtype, device_type, factor, force)
 

@@ -35,7 +35,8 @@ from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 from torchtitan.tools.logging import logger
 
-from nerve_plugin.monitor import LayerRecord, MonitorConfig, NerveMonitor, ParallelGroups, records_by_step
+from nerve_plugin.monitor import MonitorConfig, NerveMonitor, ParallelGroups
+from nerve_plugin.records import LayerRecord, records_by_step
 from nerve_plugin.taps import BUILTIN_SPECS
 from nerve_plugin.torchtitan import muon, tensorboard_runs
 from nerve_plugin.torchtitan.config import NerveConfigError
@@ -84,9 +85,9 @@ class NerveSession:
             taps=tuple(self.config.taps),
             layers=self.config.layers or None,
             max_tokens_per_forward=self._tokens_per_forward(),
-            eigen_solve=self.config.eigen_solve,
+            solve_placement=self.config.solve_placement,
             seed=self.config.seed,
-            solve=self.config.solve,
+            solve_timing=self.config.solve_timing,
             max_layers_per_step=self.config.max_layers_per_step,
             model_layers=depth,
             solver_threads=self.config.solver_threads,
@@ -119,7 +120,7 @@ class NerveSession:
             return
         if "jsonl" in self.config.outputs:
             self._lock = open_jsonl(jsonl_path(self.job_config))
-        if self.config.solve == "overlap":
+        if self.config.solve_timing == "overlap":
             self._stop = WriteOnStop(self._ready_records, self._writes.write_on_stop).install()
 
     def close(self) -> None:
@@ -173,8 +174,10 @@ class NerveSession:
         measured = len(self.monitor.selected_layers(1))
         # The float64 working copies do not shrink with fewer layers: ask the same estimate with fewer.
         fits = self.monitor.layers_that_fit(budget)
-        hint = f"set [nerve] max_layers_per_step = {fits} (layers rotate over logging steps)" if fits >= 1 else (
-            "measure one tap (taps), sub-sample fewer layers (layers)"
+        hint = (
+            f"set [nerve] max_layers_per_step = {fits} (layers rotate over logging steps)"
+            if fits >= 1
+            else ("measure one tap (taps), sub-sample fewer layers (layers)")
         )
         raise NerveConfigError(
             f"[nerve] memory_budget_gb = {self.config.memory_budget_gb} is too small: one logging step needs "
@@ -228,19 +231,23 @@ class NerveSession:
         """A resumed process: its TensorBoard logger goes on in the interrupted attempt's run, with the restart
         marker that hides that run's stale points (tensorboard_runs.py). Here, at the first step's should_log,
         torchtitan has not logged a point of this process yet; a marker after one would hide it too."""
-        tb = [l for l in getattr(metrics_processor.logger, "_loggers", []) if isinstance(l, TensorBoardLogger)]
+        tb = [x for x in getattr(metrics_processor.logger, "_loggers", []) if isinstance(x, TensorBoardLogger)]
         if "tensorboard" not in self.config.outputs or not tb:
             return
         root = os.path.join(self.job_config.job.dump_folder, self.job_config.metrics.save_tb_folder)
         try:
             previous = tensorboard_runs.continue_run(tb[0], root, step)
         except Exception as error:  # TensorBoard's bookkeeping must not stop training
-            logger.error(f"nerve: resumed at step {step}, but continuing the earlier TensorBoard run failed "
-                         f"({type(error).__name__}: {error}); its points from step {step} on stay visible")
+            logger.error(
+                f"nerve: resumed at step {step}, but continuing the earlier TensorBoard run failed "
+                f"({type(error).__name__}: {error}); its points from step {step} on stay visible"
+            )
             return
         if previous is not None:
-            logger.info(f"nerve: resumed at step {step}: TensorBoard goes on in the interrupted attempt's run "
-                        f"{previous}, whose points from step {step} on are hidden by a restart marker")
+            logger.info(
+                f"nerve: resumed at step {step}: TensorBoard goes on in the interrupted attempt's run "
+                f"{previous}, whose points from step {step} on are hidden by a restart marker"
+            )
 
     def _flush_due(self, step: int) -> bool:
         checkpoint = self.job_config.checkpoint
@@ -266,7 +273,7 @@ class NerveSession:
     def _build_writers(self, metrics_processor: MetricsProcessor) -> list:
         writers = []
         if "tensorboard" in self.config.outputs:
-            tb = [l for l in getattr(metrics_processor.logger, "_loggers", []) if isinstance(l, TensorBoardLogger)]
+            tb = [x for x in getattr(metrics_processor.logger, "_loggers", []) if isinstance(x, TensorBoardLogger)]
             if tb:
                 writers.append(TensorBoardWriter(tb[0].writer, self.config.taps))
             else:
@@ -287,10 +294,14 @@ class NerveSession:
                 usable.append(writer)
             except OSError as error:
                 if self.config.on_error == "raise":
-                    raise NerveOutputError(f"nerve: preparing {getattr(writer, 'path', writer)} failed ({error}); "
-                                           f"[nerve] on_error = 'raise' stops the run") from error
-                logger.error(f"nerve: preparing {getattr(writer, 'path', writer)} failed ({error}); nerve does not "
-                             f"write there, training goes on")
+                    raise NerveOutputError(
+                        f"nerve: preparing {getattr(writer, 'path', writer)} failed ({error}); "
+                        f"[nerve] on_error = 'raise' stops the run"
+                    ) from error
+                logger.error(
+                    f"nerve: preparing {getattr(writer, 'path', writer)} failed ({error}); nerve does not "
+                    f"write there, training goes on"
+                )
         return usable
 
 
@@ -371,15 +382,17 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
             check_dataset_path(job_config)
         return original_dataloader(dp_world_size, dp_rank, tokenizer, job_config, *args, **kwargs)
 
-    return muon.wrap_train_spec(dataclasses.replace(
-        spec,
-        build_tokenizer_fn=build_tokenizer_fn,
-        build_dataloader_fn=build_dataloader_fn,
-        parallelize_fn=parallelize_fn,
-        pipelining_fn=pipelining_fn if original_pipelining is not None else None,
-        build_lr_schedulers_fn=build_lr_schedulers_fn,
-        build_metrics_processor_fn=build_metrics_processor_fn,
-    ))
+    return muon.wrap_train_spec(
+        dataclasses.replace(
+            spec,
+            build_tokenizer_fn=build_tokenizer_fn,
+            build_dataloader_fn=build_dataloader_fn,
+            parallelize_fn=parallelize_fn,
+            pipelining_fn=pipelining_fn if original_pipelining is not None else None,
+            build_lr_schedulers_fn=build_lr_schedulers_fn,
+            build_metrics_processor_fn=build_metrics_processor_fn,
+        )
+    )
 
 
 def install() -> None:
@@ -416,8 +429,10 @@ def uses_tiktoken_assets(job_config) -> bool:
 
 # torchtitan's datasets whose default path is a folder of its source tree (tests/assets/...), not a Hub name.
 LOCAL_DATASETS = ("c4_test",)
-OFFLINE_HINT = (f"or train offline on nerve's corpus and vocabulary: training.dataset = \"{CORPUS_DATASET}\" "
-                f"(--training.dataset {CORPUS_DATASET}; README, \"Data and tokenizer\")")
+OFFLINE_HINT = (
+    f'or train offline on nerve\'s corpus and vocabulary: training.dataset = "{CORPUS_DATASET}" '
+    f'(--training.dataset {CORPUS_DATASET}; README, "Data and tokenizer")'
+)
 
 
 def check_tokenizer_path(job_config) -> None:
@@ -456,12 +471,16 @@ def check_dataset_path(job_config) -> None:
 def _optional_group(parallel_dims, name: str):
     """The process group of a mesh dimension, or None when that parallelism is off. (A degree-1 dimension can
     still hand out a group spanning other ranks, so the degree decides, and the group must match it.)"""
-    degree = {"loss": parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp, "tp": parallel_dims.tp}[name]
+    degree = {"loss": parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp, "tp": parallel_dims.tp}[
+        name
+    ]
     if degree == 1:
         return None
     group = parallel_dims.get_mesh(name).get_group()
     if torch.distributed.get_world_size(group) != degree:
-        raise RuntimeError(f"nerve: mesh {name!r} has a group of {torch.distributed.get_world_size(group)} ranks, expected {degree}")
+        raise RuntimeError(
+            f"nerve: mesh {name!r} has a group of {torch.distributed.get_world_size(group)} ranks, expected {degree}"
+        )
     return group
 
 

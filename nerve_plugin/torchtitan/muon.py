@@ -105,8 +105,12 @@ class Muon:
         if self.lr is not None:
             check.number("lr", self.lr, "a finite number >= 0, or unset for [optimizer] lr", lambda v: v >= 0)
         if self.weight_decay is not None:
-            check.number("weight_decay", self.weight_decay, "a finite number >= 0, or unset for [optimizer] weight_decay",
-                         lambda v: v >= 0)
+            check.number(
+                "weight_decay",
+                self.weight_decay,
+                "a finite number >= 0, or unset for [optimizer] weight_decay",
+                lambda v: v >= 0,
+            )
         if not isinstance(self.muon_params, list) or any(not isinstance(p, str) or not p for p in self.muon_params):
             check.fail("muon_params", self.muon_params, "a list of non-empty fnmatch patterns (empty for the default)")
         check.choice("ns_dtype", self.ns_dtype, NS_DTYPES)
@@ -213,8 +217,9 @@ def wrap_train_spec(spec: TrainSpec) -> TrainSpec:
     def build_optimizers_fn(model_parts, optimizer_config, parallel_dims, ft_manager=None, *args, **kwargs):
         if optimizer_config.name != OPTIMIZER_NAME:
             return original_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager, *args, **kwargs)
-        container = build_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager,
-                                          muon_config(_job_config))
+        container = build_muon_optimizers(
+            model_parts, optimizer_config, parallel_dims, ft_manager, muon_config(_job_config)
+        )
         if original_optimizers is tt_optimizer.build_optimizers_with_moe_load_balancing:
             return _with_moe_load_balancing(container, model_parts, optimizer_config, parallel_dims, ft_manager)
         return container
