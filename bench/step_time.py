@@ -83,9 +83,6 @@ def run(extra_args: list[str], steps: int, dump: str) -> tuple[list[float], int]
         # peak of this run above what was allocated before it.
         import gc
 
-        from nerve_plugin.torchtitan import integration
-
-        integration._session = None
         gc.collect()
         torch.cuda.empty_cache()
         baseline = torch.cuda.memory_allocated()

@@ -76,7 +76,7 @@ _TORCHTITAN_DENSE = TapSpec(
     pre=TapPoint("feed_forward.w1", "output"),
     post=TapPoint("feed_forward.w2", "input"),
 )
-# nerve_llama (nerve_plugin.variants) keeps these module names for gated and non-gated FFNs alike.
+# nerve_llama (nerve_plugin.torchtitan.variants) keeps these module names for gated and non-gated FFNs alike.
 BUILTIN_SPECS: dict[str, TapSpec] = {name: _TORCHTITAN_DENSE for name in ("llama3", "llama4", "qwen3", "nerve_llama")}
 
 

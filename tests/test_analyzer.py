@@ -427,7 +427,7 @@ def test_cli_on_a_torchtitan_checkpoint(tmp_path, capsys):
 
     from nerve_plugin.analyze.cli import main
     from nerve_plugin.torchtitan.checkpoint import CheckpointError, build_model, load_checkpoint, load_job_config
-    from nerve_plugin.torchtitan.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer
+    from nerve_plugin.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer
 
     toml = tmp_path / "run.toml"
     toml.write_text(

@@ -12,13 +12,8 @@ import torch
 from torchtitan.config import JobConfig
 
 from nerve_plugin.torchtitan.corpus import build_corpus_dataloader, corpus_files, stdlib_files
-from nerve_plugin.torchtitan.tokenizer import (
-    LLAMA3_SPECIAL_TOKENS,
-    SHIPPED_VOCAB,
-    TiktokenTokenizer,
-    build_tiktoken_tokenizer,
-    write_tiktoken_ranks,
-)
+from nerve_plugin.tokenizer import LLAMA3_SPECIAL_TOKENS, write_tiktoken_ranks
+from nerve_plugin.torchtitan.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer, build_tiktoken_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 

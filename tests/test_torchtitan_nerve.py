@@ -244,20 +244,18 @@ def test_disabled_nerve_registers_no_hook_and_changes_no_builder(tmp_path, monke
     assert job_config.nerve.enable is False
     spec = get_train_spec("llama3")
     dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
-    # An enabled job's session already in the process (as a second job of one process would find it), ready to
-    # hook whatever the builders hand it: without it, a wrapper that ignored `enable` would have no session to
-    # attach to and this test could not fail.
+    # An enabled job's session where the builders look for one, ready to hook whatever they hand it: without it,
+    # a wrapper that ignored `enable` would have no session to attach to and this test could not fail.
     enabled = ConfigManager().parse_args([*base, "--nerve.enable"])
     session = integration.NerveSession(enabled, dims, "llama3", llama3_args["debugmodel"])
-    monkeypatch.setattr(integration, "_session", session)
+    monkeypatch.setattr(job_config, integration.SESSION_ATTRIBUTE, session, raising=False)
     with torch.device("meta"):
         model = Transformer(llama3_args["debugmodel"])
     spec.parallelize_fn(model, dims, job_config)
     assert hook_count(model) == 0
     assert session.monitor is None  # the model was not handed to the session
-    assert integration.current_session() is session
     processor = spec.build_metrics_processor_fn(job_config, dims, llama3_args["debugmodel"])
-    assert integration.current_session() is session  # no new session for a disabled job
+    assert integration.session_of(job_config) is session  # no new session for a disabled job
     assert "should_log" not in vars(processor)  # torchtitan's own should_log, not nerve's step hook
     processor.close()
 

@@ -17,7 +17,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 import nerve_plugin.torchtitan  # noqa: F401  (registers nerve_llama)
 from nerve_plugin.taps import BUILTIN_SPECS, FFNTaps
 from nerve_plugin.variants.config import VariantConfigError
-from nerve_plugin.variants.model import FFNLinear, NoNorm
+from nerve_plugin.torchtitan.variants.model import FFNLinear, NoNorm
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "train_configs"

@@ -1,5 +1,5 @@
-"""The paper's model variants (nerve_plugin/variants): identity with llama3, structure, validation, and (slow)
-torchtitan's real Trainer on 2 CPU processes with FSDP and NerVE on.
+"""The paper's model variants (nerve_plugin/torchtitan/variants): identity with llama3, structure, validation,
+(slow) torchtitan's real Trainer on 2 CPU processes with FSDP and NerVE on.
 
 For the Trainer runs this module is also the job's custom import: with NERVE_VARIANT_TT=1 in the environment,
 importing it registers "nerve_test_variant" (the nerve_llama spec with tt_synthetic's data, wrapped by nerve);
@@ -27,9 +27,9 @@ if os.environ.get("NERVE_VARIANT_TT") == "1":  # inside a torchtitan worker: reg
 
     import nerve_plugin.torchtitan  # noqa: F401  (CPU mode)
     from nerve_plugin.torchtitan.integration import wrap_train_spec
-    from nerve_plugin.variants.train_spec import get_train_spec as _variant_spec
+    from nerve_plugin.torchtitan.variants.train_spec import get_train_spec as _variant_spec
 
-    from nerve_plugin.variants.model import hyperspherical_linears
+    from nerve_plugin.torchtitan.variants.model import hyperspherical_linears
 
     class _GeometryMetricsProcessor(tt_synthetic.JsonlMetricsProcessor):
         """Also records, per logged step, how far this rank's hyperspherical FFN rows are from unit norm."""
@@ -66,8 +66,8 @@ from torchtitan.components.optimizer import OptimizersContainer  # noqa: E402
 from torchtitan.models.llama3 import Transformer, llama3_args  # noqa: E402
 
 from nerve_plugin.taps import BUILTIN_SPECS, FFNTaps  # noqa: E402
-from nerve_plugin.variants.model import FFNLinear, VariantArgs, VariantTransformer, no_weight_decay  # noqa: E402
-from nerve_plugin.variants.train_spec import (  # noqa: E402
+from nerve_plugin.torchtitan.variants.model import FFNLinear, VariantArgs, VariantTransformer, no_weight_decay  # noqa: E402
+from nerve_plugin.torchtitan.variants.train_spec import (  # noqa: E402
     VariantParallelismError,
     build_variant_optimizers,
     check_parallelism,
@@ -461,7 +461,7 @@ def test_muon_gets_the_variant_rules_through_the_lr_scheduler_builder():
 
     from nerve_plugin.torchtitan.muon import Muon as MuonSection
     from nerve_plugin.torchtitan.muon import build_muon_optimizers
-    from nerve_plugin.variants.train_spec import build_variant_lr_schedulers
+    from nerve_plugin.torchtitan.variants.train_spec import build_variant_lr_schedulers
 
     model = build(small_args(ffn_geometry="ngpt", activation="learnable_leaky_relu", n_layers=2))
     container = build_muon_optimizers(

@@ -26,7 +26,7 @@ import regex  # tiktoken's own dependency; Python's `re` has no \p{L}
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nerve_plugin.torchtitan.corpus import corpus_files, read_document  # noqa: E402
-from nerve_plugin.torchtitan.tokenizer import (  # noqa: E402
+from nerve_plugin.tokenizer import (  # noqa: E402
     LLAMA3_PAT_STR,
     NERVE_NUM_SPECIAL,
     NERVE_VOCAB_SIZE,

@@ -152,7 +152,7 @@ def load_hf(args):
 
 def load_torchtitan(args, passthrough):
     from nerve_plugin.torchtitan.checkpoint import load_checkpoint
-    from nerve_plugin.torchtitan.tokenizer import find_tokenizer_file
+    from nerve_plugin.tokenizer import find_tokenizer_file
 
     variant = {}
     for item in args.variant:

@@ -58,7 +58,7 @@ def _framing(tok) -> tuple[list[int], list[int]]:
 def tiktoken_tokenizer(path: str | os.PathLike | None = None) -> TokenSource:
     """nerve's tiktoken tokenizer (the shipped vocabulary by default), windows starting with <|begin_of_text|>
     as the python_stdlib training data's documents do."""
-    from nerve_plugin.torchtitan.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer
+    from nerve_plugin.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer
 
     tok = TiktokenTokenizer(path or SHIPPED_VOCAB)
     return TokenSource(

@@ -42,8 +42,8 @@ from nerve_plugin.torchtitan import muon, tensorboard_runs
 from nerve_plugin.torchtitan.config import NerveConfigError
 from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.tokenizer import build_tiktoken_tokenizer, find_tokenizer_file
-from nerve_plugin.variants import SPEC_NAME as VARIANT_SPEC
-from nerve_plugin.variants import get_train_spec as variant_train_spec
+from nerve_plugin.torchtitan.variants import SPEC_NAME as VARIANT_SPEC
+from nerve_plugin.torchtitan.variants import get_train_spec as variant_train_spec
 from nerve_plugin.shutdown import WriteOnStop, WritesOnce
 from nerve_plugin.writers import JsonlWriter, NerveOutputError, TensorBoardWriter, open_jsonl, write_all
 
@@ -309,11 +309,20 @@ def jsonl_path(job_config) -> str:
     return os.path.join(job_config.job.dump_folder, "nerve", "metrics.jsonl")
 
 
-_session: NerveSession | None = None
+# The job's NerveSession lives on the objects torchtitan hands the builders: the JobConfig (metrics processor,
+# parallelize, pipelining) and the model parts it parallelized (the LR scheduler builder gets only the optimizers,
+# which hold them). No module global: two Trainers in one process (tests, notebooks) keep their sessions apart.
+SESSION_ATTRIBUTE = "_nerve_session"
 
 
-def current_session() -> NerveSession | None:
-    return _session
+def session_of(job_config) -> NerveSession | None:
+    """The NerVE session of the job ``job_config`` configures (None before its metrics processor is built, or
+    with NerVE off)."""
+    return getattr(job_config, SESSION_ATTRIBUTE, None)
+
+
+def _session_of_parts(model_parts) -> NerveSession | None:
+    return next((s for part in model_parts if (s := getattr(part, SESSION_ATTRIBUTE, None)) is not None), None)
 
 
 def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
@@ -325,11 +334,11 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
     original_metrics = spec.build_metrics_processor_fn or build_metrics_processor
 
     def build_metrics_processor_fn(job_config, parallel_dims, model_args=None, *args, **kwargs):
-        global _session
         if not enabled(job_config):
             return original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
         processor = original_metrics(job_config, parallel_dims, model_args, *args, **kwargs)
-        session = _session = NerveSession(job_config, parallel_dims, model_name, model_args)
+        session = NerveSession(job_config, parallel_dims, model_name, model_args)
+        setattr(job_config, SESSION_ATTRIBUTE, session)
         session.start(processor)
         torchtitan_should_log = processor.should_log
         torchtitan_close = processor.close
@@ -352,20 +361,26 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
         return processor
 
     def parallelize_fn(model, parallel_dims, job_config, *args, **kwargs):
-        if enabled(job_config) and _session is not None:
-            _session.attach(model)
+        session = session_of(job_config)
+        if enabled(job_config) and session is not None:
+            session.attach(model)
+            setattr(model, SESSION_ATTRIBUTE, session)  # for the LR scheduler builder, which gets only the optimizers
         return original_parallelize(model, parallel_dims, job_config, *args, **kwargs)
 
-    def pipelining_fn(*args, **kwargs):
-        schedule, model_parts, has_first_stage, has_last_stage = original_pipelining(*args, **kwargs)
-        if _session is not None and _session.monitor is not None:
-            _session.watch_pipeline(schedule)
+    def pipelining_fn(model, parallel_dims, job_config, *args, **kwargs):
+        schedule, model_parts, has_first_stage, has_last_stage = original_pipelining(
+            model, parallel_dims, job_config, *args, **kwargs
+        )
+        session = session_of(job_config)
+        if enabled(job_config) and session is not None and session.monitor is not None:
+            session.watch_pipeline(schedule)
         return schedule, model_parts, has_first_stage, has_last_stage
 
     def build_lr_schedulers_fn(optimizers, lr_config, training_steps, *args, **kwargs):
         schedulers = original_lr_schedulers(optimizers, lr_config, training_steps, *args, **kwargs)
-        if _session is not None:
-            _session.lr_schedulers = schedulers
+        session = _session_of_parts(getattr(optimizers, "model_parts", ()))
+        if session is not None:
+            session.lr_schedulers = schedulers
         return schedulers
 
     def build_tokenizer_fn(job_config):

@@ -188,7 +188,9 @@ def _check_parallelism(optimizer_config, parallel_dims, ft_manager) -> None:
 
 # -- the TrainSpec -----------------------------------------------------------------------------------------------------
 
-_job_config = None  # this process's JobConfig, seen by the wrapped parallelize_fn before optimizers are built
+# The job's JobConfig, put on each model part by the wrapped parallelize_fn (the Trainer calls it before building
+# optimizers, which get only the model parts): per job, not a module global.
+JOB_CONFIG_ATTRIBUTE = "_nerve_job_config"
 
 
 def muon_config(job_config) -> Muon:
@@ -203,22 +205,24 @@ def wrap_train_spec(spec: TrainSpec) -> TrainSpec:
     """``spec`` with ``[optimizer] name = "Muon"`` available; every other optimizer name builds as before.
 
     torchtitan hands an optimizer builder only ``job_config.optimizer``; the ``[muon]`` section comes from the
-    JobConfig that ``parallelize_fn`` receives (the Trainer calls it before building optimizers, also under PP,
-    where pipelining calls it per stage).
+    JobConfig that ``parallelize_fn`` receives and puts on each model part (the Trainer calls it before building
+    optimizers, also under PP, where pipelining calls it per stage).
     """
     original_parallelize = spec.parallelize_fn
     original_optimizers = spec.build_optimizers_fn
 
     def parallelize_fn(model, parallel_dims, job_config, *args, **kwargs):
-        global _job_config
-        _job_config = job_config
+        setattr(model, JOB_CONFIG_ATTRIBUTE, job_config)
         return original_parallelize(model, parallel_dims, job_config, *args, **kwargs)
 
     def build_optimizers_fn(model_parts, optimizer_config, parallel_dims, ft_manager=None, *args, **kwargs):
         if optimizer_config.name != OPTIMIZER_NAME:
             return original_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager, *args, **kwargs)
+        job_config = next(
+            (c for part in model_parts if (c := getattr(part, JOB_CONFIG_ATTRIBUTE, None)) is not None), None
+        )
         container = build_muon_optimizers(
-            model_parts, optimizer_config, parallel_dims, ft_manager, muon_config(_job_config)
+            model_parts, optimizer_config, parallel_dims, ft_manager, muon_config(job_config)
         )
         if original_optimizers is tt_optimizer.build_optimizers_with_moe_load_balancing:
             return _with_moe_load_balancing(container, model_parts, optimizer_config, parallel_dims, ft_manager)

@@ -1,9 +1,9 @@
 """The NerVE paper's model variants, derived from torchtitan 0.2.2's llama3 Transformer.
 
-``VariantArgs`` extends llama3's ``TransformerModelArgs`` with the variant keys (see config.py for their
-meaning); ``VariantTransformer`` builds torchtitan's llama3 and swaps in what a key changes. With every key at
-its llama3 value, no module is swapped and every forward is torchtitan's own: the same parameter names,
-shapes, initialisation and outputs, bitwise.
+``VariantArgs`` extends llama3's ``TransformerModelArgs`` with the variant keys (see
+nerve_plugin/variants/config.py for their meaning); ``VariantTransformer`` builds torchtitan's llama3 and swaps
+in what a key changes. With every key at its llama3 value, no module is swapped and every forward is
+torchtitan's own: the same parameter names, shapes, initialisation and outputs, bitwise.
 
 FFN module names are kept so NerVE's taps work: the pre-activation is the output of ``feed_forward.w1`` (the
 gate projection of gated FFNs), the post-activation the input of ``feed_forward.w2``. Non-gated FFNs have no w3.
@@ -72,7 +72,7 @@ from torchtitan.models.utils import trunc_normal_
 
 from nerve_plugin.config_checks import SectionChecks
 
-from .config import (
+from nerve_plugin.variants.config import (
     ACTIVATIONS,
     FFN_GEOMETRIES,
     GATED_ACTIVATIONS,
