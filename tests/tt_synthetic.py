@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import IterableDataset
 
+from nerve_plugin.taps import canonical_name
 from nerve_plugin.torchtitan.cpu_mode import enable_cpu_mode
 
 enable_cpu_mode()
@@ -84,7 +85,7 @@ class SeededTransformer(Transformer):
         full = dict(ref.named_parameters())
         for name, p in self.named_parameters():
             # wrappers (activation checkpointing, compile) add name components
-            w = full[name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")]
+            w = full[canonical_name(name)]
             if isinstance(p, DTensor):  # keep this rank's slice, no communication
                 p.to_local().copy_(distribute_tensor(w, p.device_mesh, p.placements, src_data_rank=None).to_local())
             else:

@@ -43,6 +43,10 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.optim import Optimizer
 
+# Wrappers (activation checkpointing, torch.compile, FSDP) add path components to parameter names: patterns
+# match the model's own names.
+from ..taps import canonical_name
+
 # Keller Jordan's quintic Newton-Schulz coefficients, torch.optim.Muon's defaults.
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 NS_STEPS = 5
@@ -50,8 +54,6 @@ NS_EPS = 1e-7
 ADJUST_LR_RULES = ("original", "match_rms_adamw")
 # Modules whose 2-D weights are not hidden matrices: the output head, by the names LLM codebases give it.
 OUTPUT_HEAD_NAMES = ("output", "lm_head")
-# Wrappers (activation checkpointing, torch.compile) add these to parameter names.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
 # -- the math ----------------------------------------------------------------------------------------------------
@@ -93,13 +95,6 @@ def adjusted_lr(lr: float, rule: str | None, shape) -> float:
 # -- which parameters ----------------------------------------------------------------------------------------------
 
 
-def clean_name(name: str) -> str:
-    """A parameter's name without the components wrappers add (so patterns match the model's own names)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
-
-
 def hidden_matrix_names(model: nn.Module) -> set[str]:
     """The default Muon parameters: every 2-D parameter except embedding tables and the output head. Those map
     tokens to and from the hidden space, where orthogonalised updates do not fit (Muon's authors use AdamW)."""
@@ -107,11 +102,11 @@ def hidden_matrix_names(model: nn.Module) -> set[str]:
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             continue
-        if clean_name(module_name).rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
+        if canonical_name(module_name).rsplit(".", 1)[-1] in OUTPUT_HEAD_NAMES:
             continue
         for param_name, param in module.named_parameters(prefix=module_name, recurse=False):
             if param.ndim == 2:
-                names.add(clean_name(param_name))
+                names.add(canonical_name(param_name))
     return names
 
 
@@ -127,7 +122,7 @@ def split_params(model: nn.Module, patterns: Iterable[str] | None = None) -> lis
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = clean_name(raw_name)
+        name = canonical_name(raw_name)
         if default is not None:
             chosen = name in default
         else:

@@ -466,10 +466,6 @@ class VariantTransformer(Transformer):
         return self.output(h) if self.output is not None else h
 
 
-def canonical(name: str) -> str:
-    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
 def no_weight_decay(model: nn.Module) -> list[str]:
     """Names of the variant's gains (weight-norm / nGPT gains, learned leaky-ReLU slopes)."""
     return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY_NAMES]
