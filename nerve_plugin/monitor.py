@@ -71,6 +71,26 @@ def _accepts_renamed_keys(cls):
     return cls
 
 
+def check_solver_keys(check: SectionChecks, section) -> None:
+    """The checks of the solver and writer keys MonitorConfig and the [nerve] TOML section share (same names,
+    same messages): solver_threads, eigensolver, max_overhead, on_error."""
+    cores = usable_cores()
+    check.integer(
+        "solver_threads",
+        section.solver_threads,
+        f"0 (automatic) or an integer from 1 to {cores} (this host's cores)",
+        lambda v: 0 <= v <= cores,
+    )
+    check.choice("eigensolver", section.eigensolver, EIGENSOLVERS)
+    check.number(
+        "max_overhead",
+        section.max_overhead,
+        "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
+        lambda v: 0 <= v < 1,
+    )
+    check.choice("on_error", section.on_error, ON_ERROR)
+
+
 @_accepts_renamed_keys
 @dataclass
 class MonitorConfig:
@@ -129,21 +149,7 @@ class MonitorConfig:
         )
         if self.model_layers is not None:
             check.integer("model_layers", self.model_layers, "None or an integer >= 1", lambda v: v >= 1)
-        cores = usable_cores()
-        check.integer(
-            "solver_threads",
-            self.solver_threads,
-            f"0 (automatic) or an integer from 1 to {cores} (this host's cores)",
-            lambda v: 0 <= v <= cores,
-        )
-        check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
-        check.number(
-            "max_overhead",
-            self.max_overhead,
-            "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
-            lambda v: 0 <= v < 1,
-        )
-        check.choice("on_error", self.on_error, ON_ERROR)
+        check_solver_keys(check, self)
 
     def is_log_step(self, step: int) -> bool:
         # The same rule as torchtitan's own metrics: step 1, then every log_freq steps.

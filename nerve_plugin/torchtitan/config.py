@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from torchtitan.config.manager import ConfigManager
 
 from nerve_plugin.config_checks import SectionChecks, renamed_keys
-from nerve_plugin.solve import SOLVE_TIMINGS, usable_cores
-from nerve_plugin.monitor import EIGENSOLVERS, ON_ERROR, RENAMED_KEYS, SOLVE_PLACEMENTS
+from nerve_plugin.solve import SOLVE_TIMINGS
+from nerve_plugin.monitor import RENAMED_KEYS, SOLVE_PLACEMENTS, check_solver_keys
 from nerve_plugin.taps import BUILTIN_SPECS, TAPS
 from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
 from nerve_plugin.variants.config import Variant, VariantConfigError
@@ -124,21 +124,7 @@ class Nerve:
             "max_layers_per_step", self.max_layers_per_step, "0 (all layers) or an integer >= 1", lambda v: v >= 0
         )
         check.number("memory_budget_gb", self.memory_budget_gb, "a number of GiB > 0", lambda v: v > 0)
-        cores = usable_cores()
-        check.integer(
-            "solver_threads",
-            self.solver_threads,
-            f"0 (automatic) or an integer from 1 to {cores} (this host's cores)",
-            lambda v: 0 <= v <= cores,
-        )
-        check.choice("eigensolver", self.eigensolver, EIGENSOLVERS)
-        check.number(
-            "max_overhead",
-            self.max_overhead,
-            "a fraction in [0, 1), e.g. 0.05 for 5% (0: no budget)",
-            lambda v: 0 <= v < 1,
-        )
-        check.choice("on_error", self.on_error, ON_ERROR)
+        check_solver_keys(check, self)
 
 
 @dataclass
