@@ -26,7 +26,7 @@ from .monitor import MonitorConfig, NerveMonitor, ParallelGroups
 from .records import LayerRecord, records_by_step
 from .shutdown import WriteOnStop, WritesOnce
 from .taps import TapPoint, TapSpec, find_blocks
-from .writers import JsonlWriter, TensorBoardWriter, open_jsonl, write_all
+from .writers import OUTPUTS, build_writers, open_jsonl, write_all
 
 
 def ffn_spec(blocks: str, up: str, down: str) -> TapSpec:
@@ -155,14 +155,12 @@ class NerveLoop:
             self._writers = write_all(self._writers, step, step_records, self.monitor.config.on_error)
 
     def _build_writers(self) -> list:
-        writers = []
-        if self._tensorboard is not None:
-            summary_writer = self._tensorboard
-            if isinstance(summary_writer, (str, os.PathLike)):
-                from torch.utils.tensorboard import SummaryWriter
+        summary_writer = self._tensorboard
+        if isinstance(summary_writer, (str, os.PathLike)):
+            from torch.utils.tensorboard import SummaryWriter
 
-                summary_writer = self._owned_summary_writer = SummaryWriter(summary_writer)
-            writers.append(TensorBoardWriter(summary_writer, self.monitor.config.taps))
-        if self._jsonl is not None:
-            writers.append(JsonlWriter(self._jsonl))
-        return writers
+            summary_writer = self._owned_summary_writer = SummaryWriter(summary_writer)
+        config = self.monitor.config
+        return build_writers(
+            OUTPUTS, summary_writer=summary_writer, jsonl=self._jsonl, taps=config.taps, on_error=config.on_error
+        )

@@ -119,6 +119,62 @@ class TensorBoardWriter:
         self.writer.file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
+OUTPUTS = ("tensorboard", "jsonl")  # the writers build_writers knows, by the name a config gives them
+
+
+def build_writers(
+    outputs: Sequence[str],
+    *,
+    summary_writer=None,
+    jsonl: str | None = None,
+    taps: Sequence[str] = TAPS,
+    first_step: int | None = None,
+    on_error: str = "warn",
+) -> list:
+    """The writers of one run, the one place that makes them (NerveLoop, torchtitan, and any new output).
+
+    ``outputs`` names them (a subset of OUTPUTS); each is built only when its target is given:
+    ``summary_writer`` (an open SummaryWriter, e.g. torchtitan's own run) for "tensorboard", ``jsonl`` (a path)
+    for "jsonl". ``first_step`` is the first step this process trains: 1 starts a fresh JSONL (records already
+    there are kept aside), > 1 (a resume) drops what an interrupted attempt logged from that step on; None leaves
+    the file as it is. A writer that cannot be prepared is reported and left out (``on_error = "raise"``: raises
+    NerveOutputError), as ``write_all`` does for one that fails later.
+    """
+    unknown = [name for name in outputs if name not in OUTPUTS]
+    if unknown:
+        raise ValueError(f"nerve outputs = {list(outputs)}: {unknown} not known; expected a subset of {list(OUTPUTS)}")
+    writers = []
+    if "tensorboard" in outputs and summary_writer is not None:
+        writers.append(TensorBoardWriter(summary_writer, taps))
+    if "jsonl" in outputs and jsonl is not None:
+        writers.append(JsonlWriter(jsonl))
+    usable = []
+    for writer in writers:
+        try:
+            if isinstance(writer, JsonlWriter) and first_step is not None:
+                # A resumed run: what an earlier attempt logged from here on is stale and is logged again. (A
+                # TensorBoard run gets its restart marker from whoever owns it, before its first points.)
+                if first_step > 1:
+                    writer.truncate_from(first_step)
+                else:
+                    # A fresh run: records already there belong to an attempt this run does not continue.
+                    writer.start_fresh()
+            usable.append(writer)
+        except OSError as error:
+            _writer_failed(writer, "preparing", error, on_error)
+    return usable
+
+
+def _writer_failed(writer, doing: str, error: BaseException, on_error: str) -> None:
+    """A writer failed ``doing`` (preparing its file, writing a step): NerveOutputError with ``on_error =
+    "raise"``, otherwise one error in the log, naming where and why; the caller then drops the writer."""
+    where = getattr(writer, "path", type(writer).__name__)
+    what = f"nerve: {doing} {where} failed ({type(error).__name__}: {error})"
+    if on_error == "raise":
+        raise NerveOutputError(f"{what}; [nerve] on_error = 'raise' stops the run") from error
+    logger.error(f"{what}; nerve stops writing there, training goes on")
+
+
 class NerveOutputError(RuntimeError):
     """nerve cannot write where it was told to: at start-up (an unwritable folder, a path that is a folder,
     another run writing there), or at run time with ``[nerve] on_error = "raise"``."""
@@ -135,16 +191,7 @@ def write_all(writers: list, step: int, records: list[LayerRecord], on_error: st
             writer.write(step, records)
             working.append(writer)
         except Exception as error:
-            where = getattr(writer, "path", type(writer).__name__)
-            if on_error == "raise":
-                raise NerveOutputError(
-                    f"nerve: writing step {step} to {where} failed ({type(error).__name__}: "
-                    f"{error}); [nerve] on_error = 'raise' stops the run"
-                ) from error
-            logger.error(
-                f"nerve: writing step {step} to {where} failed ({type(error).__name__}: {error}); "
-                f"nerve stops writing there, training goes on"
-            )
+            _writer_failed(writer, f"writing step {step} to", error, on_error)
     return working
 
 

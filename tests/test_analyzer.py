@@ -426,7 +426,7 @@ def test_cli_on_a_torchtitan_checkpoint(tmp_path, capsys):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     from nerve_plugin.analyze.cli import main
-    from nerve_plugin.torchtitan.checkpoint import CheckpointError, build_model, load_checkpoint, load_job_config
+    from nerve_plugin.torchtitan.v0_2.checkpoint import CheckpointError, build_model, load_checkpoint, load_job_config
     from nerve_plugin.tokenizer import SHIPPED_VOCAB, TiktokenTokenizer
 
     toml = tmp_path / "run.toml"

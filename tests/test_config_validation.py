@@ -21,7 +21,7 @@ from nerve_plugin.solve import usable_cores
 from torchtitan_harness import REPO_ROOT, TESTS_DIR, base_config, merge, to_toml
 
 from nerve_plugin.torchtitan.config import Nerve, NerveConfigError
-from nerve_plugin.torchtitan.muon import Muon, MuonConfigError
+from nerve_plugin.torchtitan.muon import MuonConfigError, MuonSection
 from nerve_plugin.variants.config import Variant, VariantConfigError
 
 CONFIG_MODULE = "nerve_plugin.torchtitan.config"  # holds [nerve], [muon] and [variant]
@@ -72,7 +72,7 @@ TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
         },
     ),
     "muon": (
-        Muon,
+        MuonSection,
         MuonConfigError,
         {
             "momentum": Row("0.95", 1.0, "a number in [0, 1)"),

@@ -68,7 +68,7 @@ def test_a_failure_shows_the_lines_that_name_its_cause():
         [
             "[rank0]: Traceback (most recent call last):",
             '[rank0]:   File "torchtitan/train.py", line 254, in __init__',
-            "[rank0]: nerve_plugin.torchtitan.config.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
+            "[rank0]: nerve_plugin.torchtitan.sections.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
             *[f"[titan] 2026-01-01 00:00:{i % 60:02d},000 - root - INFO - shutting down {i}" for i in range(200)],
             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
             "torchtitan.train FAILED",
@@ -80,7 +80,7 @@ def test_a_failure_shows_the_lines_that_name_its_cause():
     assert report[:3] == [
         "nerve-demo: torchtitan exited with 1.",
         "The lines of the log that say what went wrong:",
-        "  nerve_plugin.torchtitan.config.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
+        "  nerve_plugin.torchtitan.sections.NerveConfigError: [nerve] memory_budget_gb = 0.001 is too small",
     ]
     assert report[3] == "The last 15 lines of dump/demo.log:" and report[-1] == "  exitcode  : 1 (pid: 123)"
     assert not any("ChildFailedError" in line for line in report[:4])  # torchrun's summary never says why

@@ -1,6 +1,6 @@
 """``[optimizer] name = "Muon"`` in torchtitan's real Trainer on CPU (2 processes, FSDP over gloo), with NerVE on.
 
-The runs use tt_nerve's synthetic llama3 spec wrapped by ``nerve_plugin.torchtitan.muon.wrap_train_spec``, and a
+The runs use tt_nerve's synthetic llama3 spec wrapped by ``nerve_plugin.torchtitan.v0_2.train_spec.wrap_muon``, and a
 config module holding both ``[nerve]`` and ``[muon]`` (nerve's own, once it has a ``muon`` field).
 """
 
@@ -25,10 +25,10 @@ SPEC = "nerve_test_llama3_nerve_muon"
 CUSTOM_IMPORT = f"""
 import tt_nerve
 from torchtitan.protocols.train_spec import get_train_spec, register_train_spec
-from nerve_plugin.torchtitan.muon import wrap_train_spec
+from nerve_plugin.torchtitan.v0_2.train_spec import wrap_muon
 
 try:
-    register_train_spec({SPEC!r}, wrap_train_spec(get_train_spec(tt_nerve.SPEC_NAME)))
+    register_train_spec({SPEC!r}, wrap_muon(get_train_spec(tt_nerve.SPEC_NAME)))
 except ValueError:  # already registered
     pass
 """
@@ -37,13 +37,13 @@ CONFIG_MODULE = """
 from dataclasses import dataclass, field
 
 from nerve_plugin.torchtitan.config import Nerve
-from nerve_plugin.torchtitan.muon import Muon
+from nerve_plugin.torchtitan.muon import MuonSection
 
 
 @dataclass
 class JobConfig:
     nerve: Nerve = field(default_factory=Nerve)
-    muon: Muon = field(default_factory=Muon)
+    muon: MuonSection = field(default_factory=MuonSection)
 """
 
 
@@ -180,13 +180,14 @@ def test_moe_spec_keeps_torchtitans_load_balancing_hook(modules):
     from torchtitan.models.llama4 import Transformer, get_train_spec, llama4_args
 
     from nerve_plugin.muon import Muon
-    from nerve_plugin.torchtitan.muon import MuonOptimizersContainer, wrap_train_spec
+    from nerve_plugin.torchtitan.muon import MuonOptimizersContainer
+    from nerve_plugin.torchtitan.v0_2.train_spec import wrap_muon
 
     job_config = ConfigManager().parse_args(["--job.custom_config_module", config_module(), "--optimizer.name", "Muon"])
     dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
     with torch.device("meta"):
         model = Transformer(llama4_args["debugmodel"])
-    container = wrap_train_spec(get_train_spec()).build_optimizers_fn([model], job_config.optimizer, dims)
+    container = wrap_muon(get_train_spec()).build_optimizers_fn([model], job_config.optimizer, dims)
     assert isinstance(container, MuonOptimizersContainer) and isinstance(container.optimizers[0], Muon)
     assert len(container._optimizer_step_pre_hooks) == 1  # torchtitan's expert-bias update
     kinds = {g["use_muon"]: g["params"] for g in container.optimizers[0].param_groups}

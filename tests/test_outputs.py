@@ -224,3 +224,48 @@ def test_a_signal_goes_on_to_the_programs_own_handler_and_nothing_is_written_twi
         # written by the handler before KeyboardInterrupt reached the program; close() then flushed step 2 again
         assert "lines before close: 6" in stdout
     assert written == BOTH_STEPS
+
+
+def _record_lines(path, steps):
+    return "".join(json.dumps({"step": s, "layer": 0}) + "\n" for s in steps)
+
+
+def test_build_writers_is_the_one_factory_and_prepares_the_jsonl_by_the_first_step(tmp_path):
+    from nerve_plugin.writers import OUTPUTS, TensorBoardWriter, build_writers
+
+    path = tmp_path / "metrics.jsonl"
+    with pytest.raises(ValueError, match=r"\['wandb'\] not known; expected a subset of \['tensorboard', 'jsonl'\]"):
+        build_writers(["jsonl", "wandb"], jsonl=str(path))
+    # a target that is not given builds no writer; each output builds its own
+    assert build_writers(OUTPUTS) == []
+    (writer,) = build_writers(OUTPUTS, jsonl=str(path))
+    assert isinstance(writer, JsonlWriter) and writer.path == str(path)
+
+    class Summary:  # the SummaryWriter surface TensorBoardWriter touches at construction
+        def add_custom_scalars(self, layout):
+            self.layout = layout
+
+    summary = Summary()
+    (tb,) = build_writers(["tensorboard"], summary_writer=summary, jsonl=str(path))
+    assert isinstance(tb, TensorBoardWriter) and tb.writer is summary and "NerVE" in summary.layout
+
+    # first_step None: the file as it is; 3 (a resume): steps >= 3 dropped; 1 (a fresh run): kept aside, new file
+    path.write_text(_record_lines(path, [1, 2, 3, 4]))
+    build_writers(["jsonl"], jsonl=str(path))
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4]
+    build_writers(["jsonl"], jsonl=str(path), first_step=3)
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2]
+    build_writers(["jsonl"], jsonl=str(path), first_step=1)
+    assert not path.exists()
+    (aside,) = tmp_path.glob("metrics.jsonl.*")
+    assert [r["step"] for r in read_jsonl(aside)] == [1, 2]
+
+
+def test_build_writers_leaves_out_a_jsonl_it_cannot_prepare_unless_told_to_raise(tmp_path):
+    from nerve_plugin.writers import build_writers
+
+    path = tmp_path / "metrics.jsonl"
+    path.mkdir()  # the resume rewrite cannot read a folder (root or not)
+    assert build_writers(["jsonl"], jsonl=str(path), first_step=2) == []
+    with pytest.raises(NerveOutputError, match=f"preparing {path} failed .*on_error = 'raise' stops the run"):
+        build_writers(["jsonl"], jsonl=str(path), first_step=2, on_error="raise")

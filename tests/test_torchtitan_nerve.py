@@ -236,7 +236,8 @@ def test_disabled_nerve_registers_no_hook_and_changes_no_builder(tmp_path, monke
     from torchtitan.models.llama3 import Transformer, llama3_args
 
     import nerve_plugin.torchtitan  # noqa: F401  (registers the wrapped specs)
-    from nerve_plugin.torchtitan import integration
+    from nerve_plugin.torchtitan import session as sessions
+    from nerve_plugin.torchtitan.v0_2.train_spec import new_session
     from torchtitan.protocols.train_spec import get_train_spec
 
     base = ["--job.custom_config_module", "nerve_plugin.torchtitan.config", "--job.dump_folder", str(tmp_path)]
@@ -247,23 +248,25 @@ def test_disabled_nerve_registers_no_hook_and_changes_no_builder(tmp_path, monke
     # An enabled job's session where the builders look for one, ready to hook whatever they hand it: without it,
     # a wrapper that ignored `enable` would have no session to attach to and this test could not fail.
     enabled = ConfigManager().parse_args([*base, "--nerve.enable"])
-    session = integration.NerveSession(enabled, dims, "llama3", llama3_args["debugmodel"])
-    monkeypatch.setattr(job_config, integration.SESSION_ATTRIBUTE, session, raising=False)
+    session = new_session(enabled, dims, "llama3", llama3_args["debugmodel"])
+    monkeypatch.setattr(job_config, sessions.SESSION_ATTRIBUTE, session, raising=False)
     with torch.device("meta"):
         model = Transformer(llama3_args["debugmodel"])
     spec.parallelize_fn(model, dims, job_config)
     assert hook_count(model) == 0
     assert session.monitor is None  # the model was not handed to the session
+    # ... nor the session to the model, where the LR scheduler builder looks for one to hook the optimizer step
+    assert not hasattr(model, sessions.SESSION_ATTRIBUTE)
     processor = spec.build_metrics_processor_fn(job_config, dims, llama3_args["debugmodel"])
-    assert integration.session_of(job_config) is session  # no new session for a disabled job
-    assert "should_log" not in vars(processor)  # torchtitan's own should_log, not nerve's step hook
+    assert sessions.session_of(job_config) is session  # no new session for a disabled job
+    assert "close" not in vars(processor)  # torchtitan's own close, not the one that also ends a session
     processor.close()
 
 
 def test_model_without_a_tap_spec_is_refused_at_start_up():
     from torchtitan.config import ConfigManager
 
-    from nerve_plugin.torchtitan.integration import NerveSession
+    from nerve_plugin.torchtitan.v0_2.train_spec import new_session
 
     job_config = ConfigManager().parse_args(
         [
@@ -275,7 +278,7 @@ def test_model_without_a_tap_spec_is_refused_at_start_up():
         ]
     )
     with pytest.raises(ValueError, match="no tap spec for model.name = 'deepseek_v3': set \\[nerve\\] spec"):
-        NerveSession(job_config, parallel_dims=None, model_name="deepseek_v3")
+        new_session(job_config, parallel_dims=None, model_name="deepseek_v3")
 
 
 @pytest.mark.parametrize(
@@ -285,11 +288,11 @@ def test_max_overhead_reaches_the_monitor(args, budget):
     from torchtitan.config import ConfigManager
     from torchtitan.distributed import ParallelDims
 
-    from nerve_plugin.torchtitan.integration import NerveSession
+    from nerve_plugin.torchtitan.v0_2.train_spec import new_session
 
     job_config = ConfigManager().parse_args(
         ["--job.custom_config_module", "nerve_plugin.torchtitan.config", "--nerve.enable", *args]
     )
     dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
-    session = NerveSession(job_config, dims, model_name="llama3")
+    session = new_session(job_config, dims, model_name="llama3")
     assert session.monitor_config.max_overhead == budget

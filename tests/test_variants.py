@@ -26,8 +26,8 @@ if os.environ.get("NERVE_VARIANT_TT") == "1":  # inside a torchtitan worker: reg
     from torchtitan.protocols.train_spec import register_train_spec
 
     import nerve_plugin.torchtitan  # noqa: F401  (CPU mode)
-    from nerve_plugin.torchtitan.integration import wrap_train_spec
-    from nerve_plugin.torchtitan.variants.train_spec import get_train_spec as _variant_spec
+    from nerve_plugin.torchtitan.v0_2.train_spec import wrap_train_spec
+    from nerve_plugin.torchtitan.v0_2.variant_spec import get_train_spec as _variant_spec
 
     from nerve_plugin.torchtitan.variants.model import hyperspherical_linears
 
@@ -67,7 +67,7 @@ from torchtitan.models.llama3 import Transformer, llama3_args  # noqa: E402
 
 from nerve_plugin.taps import BUILTIN_SPECS, FFNTaps  # noqa: E402
 from nerve_plugin.torchtitan.variants.model import FFNLinear, VariantArgs, VariantTransformer, no_weight_decay  # noqa: E402
-from nerve_plugin.torchtitan.variants.train_spec import (  # noqa: E402
+from nerve_plugin.torchtitan.v0_2.variant_spec import (  # noqa: E402
     VariantParallelismError,
     build_variant_optimizers,
     check_parallelism,
@@ -459,9 +459,9 @@ def test_muon_gets_the_variant_rules_through_the_lr_scheduler_builder():
     second application when our optimizer builder already ran."""
     from torchtitan.config.job_config import Optimizer
 
-    from nerve_plugin.torchtitan.muon import Muon as MuonSection
+    from nerve_plugin.torchtitan.muon import MuonSection
     from nerve_plugin.torchtitan.muon import build_muon_optimizers
-    from nerve_plugin.torchtitan.variants.train_spec import build_variant_lr_schedulers
+    from nerve_plugin.torchtitan.v0_2.variant_spec import build_variant_lr_schedulers
 
     model = build(small_args(ffn_geometry="ngpt", activation="learnable_leaky_relu", n_layers=2))
     container = build_muon_optimizers(

@@ -168,8 +168,18 @@ def run_torchtitan(
     return proc
 
 
-def _tail(text: str, n: int = 80) -> str:
-    return "\n".join((text or "").splitlines()[-n:])
+FATAL_MARKERS = ("Fatal Python error", "terminate called", "Traceback (most recent call last)")
+
+
+def _tail(text: str, n: int = 80, context: int = 120) -> str:
+    """The last n lines, preceded by the first crash report (a fatal error's thread dump, a traceback) when it
+    lies further back: with several ranks the launcher's own traceback would otherwise push it out of view."""
+    lines = (text or "").splitlines()
+    first = next((i for i, line in enumerate(lines) if any(m in line for m in FATAL_MARKERS)), None)
+    if first is None or first >= len(lines) - n:
+        return "\n".join(lines[-n:])
+    crash = lines[first : min(first + context, len(lines) - n)]
+    return "\n".join(["[the first crash report]", *crash, "[...]", *lines[-n:]])
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -16,19 +16,19 @@ import time
 
 import tt_nerve  # noqa: F401  (registers nerve_test_llama3_nerve)
 
-from nerve_plugin.torchtitan import integration
+from nerve_plugin.torchtitan import session
 
 WHAT, STEP = os.environ["NERVE_TEST_FAULT"].split(":")
 STEP = int(STEP)
 
-_end_step = integration.NerveSession.end_step
+_end_step = session.NerveSession.end_step
 
 
 def end_step(self, step, metrics_processor):
     _end_step(self, step, metrics_processor)
     if step != STEP or int(os.environ.get("RANK", "0")) != self.groups.report_rank:
         return
-    path = integration.jsonl_path(self.job_config)
+    path = self.job.jsonl_path
     if WHAT == "kill":
         with open(path, "a") as f:
             f.write('{"step": 99, "layer": 0, "pre": {"tok')
@@ -46,4 +46,4 @@ def end_step(self, step, metrics_processor):
         raise ValueError(f"NERVE_TEST_FAULT: unknown fault {WHAT!r}")
 
 
-integration.NerveSession.end_step = end_step
+session.NerveSession.end_step = end_step

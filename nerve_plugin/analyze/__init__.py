@@ -8,7 +8,7 @@
 
 Works on any nn.Module (register its layout with ``NerVEAnalyzer.register_architecture``); HuggingFace
 transformers is optional (``pip install nerve-plugin[hf]``) and never imported here. torchtitan checkpoints:
-``nerve_plugin.torchtitan.checkpoint``. Command line: ``nerve-analyze``.
+``nerve_plugin.torchtitan.v0_2.checkpoint``. Command line: ``nerve-analyze``.
 """
 
 from .analyzer import NerVEAnalyzer, default_forward

@@ -151,7 +151,7 @@ def load_hf(args):
 
 
 def load_torchtitan(args, passthrough):
-    from nerve_plugin.torchtitan.checkpoint import load_checkpoint
+    from nerve_plugin.torchtitan.v0_2.checkpoint import load_checkpoint
     from nerve_plugin.tokenizer import find_tokenizer_file
 
     variant = {}

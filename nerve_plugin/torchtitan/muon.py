@@ -1,4 +1,4 @@
-"""``[optimizer] name = "Muon"`` for torchtitan 0.2.2: Muon on the hidden matrices, AdamW on the rest.
+"""``[optimizer] name = "Muon"`` for torchtitan: Muon on the hidden matrices, AdamW on the rest.
 
     [optimizer]
     name = "Muon"
@@ -16,21 +16,18 @@ hooks see one optimizer. Under FSDP2/HSDP each matrix is orthogonalised by one o
 own data-parallel group); TP is refused at start-up. MoE specs keep torchtitan's expert-bias hook, and their
 grouped (3-D) expert weights go to AdamW.
 
-Two pieces plug it into a TrainSpec: ``wrap_train_spec(spec)`` (the builder, plus a hook that hands it the
-JobConfig, since torchtitan passes a builder only ``job_config.optimizer``) and the ``Muon`` dataclass as a
-``muon`` field of the custom JobConfig.
+Version-neutral: the ``[muon]`` section (``MuonSection``) and the container builder. Each torchtitan version's
+adapter plugs them in (0.2.2: ``v0_2/train_spec.py`` ``wrap_muon``, and the section as a ``muon`` field of the
+custom JobConfig).
 """
 
 # No `from __future__ import annotations`: torchtitan merges config dataclasses by their real field types.
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-import torchtitan.components.optimizer as tt_optimizer
 from torchtitan.components.optimizer import OptimizersContainer
-from torchtitan.protocols.train_spec import TrainSpec
 from torchtitan.tools.logging import logger
 
 from nerve_plugin.config_checks import SectionChecks, is_number
@@ -47,7 +44,7 @@ class MuonConfigError(ValueError):
 
 
 @dataclass
-class Muon:
+class MuonSection:
     """The ``[muon]`` section: read only when ``[optimizer] name = "Muon"``."""
 
     momentum: float = 0.95
@@ -138,7 +135,7 @@ class MuonOptimizersContainer(OptimizersContainer):
 
 def build_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None, muon_config=None):
     """The OptimizersBuilder for ``[optimizer] name = "Muon"``; ``muon_config`` is the ``[muon]`` section."""
-    muon_config = muon_config if muon_config is not None else Muon()
+    muon_config = muon_config if muon_config is not None else MuonSection()
     _check_parallelism(optimizer_config, parallel_dims, ft_manager)
     implementation = optimizer_config.implementation
     weight_decay = optimizer_config.weight_decay if muon_config.weight_decay is None else muon_config.weight_decay
@@ -188,58 +185,10 @@ def _check_parallelism(optimizer_config, parallel_dims, ft_manager) -> None:
 
 # -- the TrainSpec -----------------------------------------------------------------------------------------------------
 
-# The job's JobConfig, put on each model part by the wrapped parallelize_fn (the Trainer calls it before building
-# optimizers, which get only the model parts): per job, not a module global.
-JOB_CONFIG_ATTRIBUTE = "_nerve_job_config"
 
-
-def muon_config(job_config) -> Muon:
+def muon_config(job_config) -> MuonSection:
     config = getattr(job_config, "muon", None) if job_config is not None else None
     if config is None:
         logger.warning("[optimizer] name = 'Muon' without a [muon] section in the JobConfig: using its defaults")
-        return Muon()
+        return MuonSection()
     return config
-
-
-def wrap_train_spec(spec: TrainSpec) -> TrainSpec:
-    """``spec`` with ``[optimizer] name = "Muon"`` available; every other optimizer name builds as before.
-
-    torchtitan hands an optimizer builder only ``job_config.optimizer``; the ``[muon]`` section comes from the
-    JobConfig that ``parallelize_fn`` receives and puts on each model part (the Trainer calls it before building
-    optimizers, also under PP, where pipelining calls it per stage).
-    """
-    original_parallelize = spec.parallelize_fn
-    original_optimizers = spec.build_optimizers_fn
-
-    def parallelize_fn(model, parallel_dims, job_config, *args, **kwargs):
-        setattr(model, JOB_CONFIG_ATTRIBUTE, job_config)
-        return original_parallelize(model, parallel_dims, job_config, *args, **kwargs)
-
-    def build_optimizers_fn(model_parts, optimizer_config, parallel_dims, ft_manager=None, *args, **kwargs):
-        if optimizer_config.name != OPTIMIZER_NAME:
-            return original_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager, *args, **kwargs)
-        job_config = next(
-            (c for part in model_parts if (c := getattr(part, JOB_CONFIG_ATTRIBUTE, None)) is not None), None
-        )
-        container = build_muon_optimizers(
-            model_parts, optimizer_config, parallel_dims, ft_manager, muon_config(job_config)
-        )
-        if original_optimizers is tt_optimizer.build_optimizers_with_moe_load_balancing:
-            return _with_moe_load_balancing(container, model_parts, optimizer_config, parallel_dims, ft_manager)
-        return container
-
-    return dataclasses.replace(spec, parallelize_fn=parallelize_fn, build_optimizers_fn=build_optimizers_fn)
-
-
-def _with_moe_load_balancing(container, model_parts, optimizer_config, parallel_dims, ft_manager):
-    """MoE specs (llama4, deepseek_v3) build their optimizers with torchtitan's build_optimizers plus a step
-    pre-hook that updates the experts' load-balancing biases. That builder calls build_optimizers by its module
-    name: pointing the name at our container for the call keeps torchtitan's hook exactly as it is."""
-    original = tt_optimizer.build_optimizers
-    tt_optimizer.build_optimizers = lambda *args, **kwargs: container
-    try:
-        return tt_optimizer.build_optimizers_with_moe_load_balancing(
-            model_parts, optimizer_config, parallel_dims, ft_manager
-        )
-    finally:
-        tt_optimizer.build_optimizers = original

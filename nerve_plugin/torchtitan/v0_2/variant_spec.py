@@ -1,4 +1,4 @@
-"""The TrainSpec "nerve_llama": torchtitan's llama3 spec with the variant model (model.py, ``[variant]``).
+"""torchtitan 0.2.2's TrainSpec "nerve_llama": its llama3 spec with the variant model (../variants/model.py).
 
 - ``model_cls``: ``VariantTransformer``; ``model_args``: torchtitan's llama3 flavors (as ``VariantArgs``, with
   llama3's choices, so that with no [variant] key set the model is llama3's), plus GPT-2-style flavors
@@ -26,7 +26,13 @@ from torchtitan.models.llama3 import get_train_spec as llama3_train_spec
 from torchtitan.models.llama3 import llama3_args
 from torchtitan.protocols.train_spec import TrainSpec
 
-from .model import VariantArgs, VariantTransformer, hyperspherical_linears, no_weight_decay, project_hyperspherical
+from nerve_plugin.torchtitan.variants.model import (
+    VariantArgs,
+    VariantTransformer,
+    hyperspherical_linears,
+    no_weight_decay,
+    project_hyperspherical,
+)
 
 
 _GPT2 = dict(activation="gelu", norm="layernorm", pos_encoding="learned", ffn_multiplier=4.0, weight_init="gpt2")
