@@ -23,3 +23,18 @@ def read_jsonl(path) -> list[dict]:
 def hook_count(model: nn.Module) -> int:
     """Forward hooks and forward pre-hooks on ``model`` and every submodule: 0 when nothing is hooked."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def assert_metrics_close(got: dict, want: dict, rel=1e-5, layers: int = 6):
+    """Two runs' records of one step ({layer: record}, layers 0..layers-1; 6: the llama3 debugmodel the torchtitan
+    tests train) agree: the same token counts, SE, PR and EEE per tap and JS within ``rel``."""
+    import pytest
+
+    assert sorted(got) == sorted(want) == list(range(layers))
+    for layer in want:
+        for tap in ("pre", "post"):
+            g, w = got[layer][tap], want[layer][tap]
+            assert g["tokens"] == w["tokens"], (layer, tap)
+            for metric in ("spectral_entropy", "participation_ratio", "eee"):
+                assert g[metric] == pytest.approx(w[metric], rel=rel), (layer, tap, metric)
+        assert got[layer]["js"] == pytest.approx(want[layer]["js"], rel=rel, abs=1e-9), layer

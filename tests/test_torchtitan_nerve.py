@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_tensorboard_runs import points
 from torch.utils.tensorboard import SummaryWriter
-from helpers import hook_count, read_jsonl
+from helpers import assert_metrics_close, hook_count, read_jsonl
 from torchtitan_harness import base_config, merge, read_metrics, run_torchtitan
 
 # Every test here runs torchtitan in torchrun subprocesses: the slow part of the suite.
@@ -44,17 +44,6 @@ def read_nerve(cfg) -> dict[int, dict[int, dict]]:
     for record in read_jsonl(path):
         out.setdefault(record["step"], {})[record["layer"]] = record
     return out
-
-
-def assert_metrics_close(got: dict, want: dict, rel=1e-5):
-    assert sorted(got) == sorted(want) == list(range(N_LAYERS))
-    for layer in want:
-        for tap in ("pre", "post"):
-            g, w = got[layer][tap], want[layer][tap]
-            assert g["tokens"] == w["tokens"], (layer, tap)
-            for metric in ("spectral_entropy", "participation_ratio", "eee"):
-                assert g[metric] == pytest.approx(w[metric], rel=rel), (layer, tap, metric)
-        assert got[layer]["js"] == pytest.approx(want[layer]["js"], rel=rel, abs=1e-9), layer
 
 
 @pytest.fixture(scope="module")

@@ -117,6 +117,18 @@ def run_torchtitan(
     tmp_path.mkdir(parents=True, exist_ok=True)
     config_file = tmp_path / "job.toml"
     config_file.write_text(to_toml(config))
+    return run_torchtitan_args(
+        tmp_path, ["--job.config_file", str(config_file), *extra_args], nproc, timeout, env, check
+    )
+
+
+def run_torchtitan_args(
+    tmp_path, args, nproc: int = 2, timeout: float = 300, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``torchrun -m torchtitan.train *args`` in <tmp_path>, as run_torchtitan describes; the route of torchtitan
+    versions without TOML (0.3.0: ``--module M --config F --section.key value``)."""
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
         "-m",
@@ -131,9 +143,7 @@ def run_torchtitan(
         str(tmp_path / "torchrun_logs"),
         "-m",
         "torchtitan.train",
-        "--job.config_file",
-        str(config_file),
-        *map(str, extra_args),
+        *map(str, args),
     ]
     pythonpath = [str(REPO_ROOT), str(TESTS_DIR), os.environ.get("PYTHONPATH", "")]
     full_env = {

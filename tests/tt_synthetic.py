@@ -21,11 +21,10 @@ import os
 from dataclasses import asdict, replace
 
 import torch
-from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.utils.data import IterableDataset
 
 from nerve_plugin.taps import canonical_name
+from synthetic_tokens import DATA_SEED, VOCAB, SyntheticTokens  # noqa: F401  (DATA_SEED, VOCAB: for tests)
 from nerve_plugin.torchtitan.cpu_mode import enable_cpu_mode
 
 enable_cpu_mode()
@@ -36,33 +35,7 @@ from torchtitan.models.llama3 import Transformer, get_train_spec  # noqa: E402
 from torchtitan.protocols import train_spec as train_spec_module  # noqa: E402
 
 SPEC_NAME = "nerve_test_llama3"
-DATA_SEED = 1234
 INIT_SEED = 42
-VOCAB = 1024  # < every llama3 flavor's vocab_size (debugmodel: 2048)
-
-
-class SyntheticTokens(IterableDataset, Stateful):
-    """Endless deterministic random token stream, sharded by dp rank."""
-
-    def __init__(self, seq_len: int, dp_rank: int = 0, dp_world_size: int = 1):
-        self.seq_len, self.dp_rank, self.dp_world_size = seq_len, dp_rank, dp_world_size
-        self.consumed = 0  # samples this rank has yielded: the whole state
-
-    def sample(self, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(DATA_SEED + i)
-        return torch.randint(0, VOCAB, (self.seq_len + 1,), generator=g)
-
-    def __iter__(self):
-        while True:
-            x = self.sample(self.consumed * self.dp_world_size + self.dp_rank)
-            self.consumed += 1
-            yield {"input": x[:-1]}, x[1:]
-
-    def state_dict(self):
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state_dict):
-        self.consumed = state_dict["consumed"]
 
 
 def build_synthetic_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **_):

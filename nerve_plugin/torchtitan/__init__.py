@@ -31,14 +31,14 @@ def _torchtitan_version() -> str:
 
 TORCHTITAN_VERSION = _torchtitan_version()
 
-if not TORCHTITAN_VERSION.startswith("0.2."):
+if TORCHTITAN_VERSION.startswith("0.2."):
+    from .cpu_mode import enable_cpu_mode
+    from .v0_2.train_spec import install
+
+    enable_cpu_mode()
+    install()
+elif not TORCHTITAN_VERSION.startswith("0.3."):
     raise ImportError(
-        f"nerve_plugin.torchtitan supports torchtitan 0.2.x (its TOML jobs); the installed torchtitan is "
-        f"{TORCHTITAN_VERSION}. Install torchtitan==0.2.2, or use nerve's core (nerve_plugin.NerveLoop) directly."
+        f"nerve_plugin.torchtitan supports torchtitan 0.2.x (TOML jobs) and 0.3.x; the installed torchtitan is "
+        f"{TORCHTITAN_VERSION}. Install one of those, or use nerve's core (nerve_plugin.NerveLoop) directly."
     )
-
-from .cpu_mode import enable_cpu_mode  # noqa: E402
-from .v0_2.train_spec import install  # noqa: E402
-
-enable_cpu_mode()
-install()

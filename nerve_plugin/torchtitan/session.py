@@ -13,15 +13,17 @@ the job) and calls it from its version's seams:
   own TensorBoard run and a JSONL file;
 - ``start(metrics_processor)`` before the first step and ``close()`` with torchtitan's metrics processor.
 
-The current step is torchtitan's LR scheduler's ``last_epoch + 1``: it counts finished optimizer steps and is
-restored from checkpoints, so it is right in every forward under gradient accumulation, across pipeline
-microbatches, and after a resume.
+The current step comes from the adapter (``current_step``): in 0.2.2 torchtitan's LR scheduler's ``last_epoch +
+1`` (it counts finished optimizer steps and is restored from checkpoints, so it is right in every forward under
+gradient accumulation, across pipeline microbatches, after a resume, and in the post-hook, which runs before the
+LR step); in 0.3.0 the Trainer's own ``step``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable
 
 import torch
 from torch import nn
@@ -50,6 +52,56 @@ class JobFacts:
     @property
     def jsonl_path(self) -> str:
         return os.path.join(self.dump_folder, "nerve", "metrics.jsonl")
+
+
+def job_facts(dump_folder: str, training, parallelism, checkpoint, metrics, parallel_dims) -> JobFacts:
+    """The facts from torchtitan's config sections, whose keys 0.2.2 and 0.3.0 share (training, parallelism,
+    checkpoint, metrics); only where the dump folder sits differs."""
+    dp = parallel_dims.dp_replicate * parallel_dims.dp_shard
+    global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * dp
+    forwards = max(1, global_batch // (training.local_batch_size * dp))
+    if parallel_dims.pp_enabled:
+        forwards *= max(1, training.local_batch_size // parallelism.pipeline_parallel_microbatch_size)
+    return JobFacts(
+        dump_folder=dump_folder,
+        tensorboard_root=os.path.join(dump_folder, metrics.save_tb_folder),
+        steps=training.steps,
+        checkpoint_interval=checkpoint.interval if checkpoint.enable else 0,
+        forwards_per_step=forwards,
+    )
+
+
+def process_groups(parallel_dims, pipeline_schedule: str) -> ParallelGroups:
+    """Which ranks share tokens (data parallel and CP), which share features (TP), and which rank reports."""
+    return ParallelGroups(
+        token_group=_optional_group(parallel_dims, "loss"),
+        feature_group=_optional_group(parallel_dims, "tp"),
+        report_rank=_metrics_rank(parallel_dims, pipeline_schedule),
+    )
+
+
+def _optional_group(parallel_dims, name: str):
+    """The process group of a mesh dimension, or None when that parallelism is off. (A degree-1 dimension can
+    still hand out a group spanning other ranks, so the degree decides, and the group must match it.)"""
+    degree = {"loss": parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp, "tp": parallel_dims.tp}[
+        name
+    ]
+    if degree == 1:
+        return None
+    group = parallel_dims.get_mesh(name).get_group()
+    if torch.distributed.get_world_size(group) != degree:
+        raise RuntimeError(
+            f"nerve: mesh {name!r} has a group of {torch.distributed.get_world_size(group)} ranks, expected {degree}"
+        )
+    return group
+
+
+def _metrics_rank(parallel_dims, pipeline_schedule: str) -> int:
+    # The rank whose TensorBoard run holds the loss: torchtitan logs from the first rank of the last pipeline
+    # stage, or rank 0 (also for the ZBVZeroBubble schedule, which returns the loss on rank 0).
+    if not parallel_dims.pp_enabled or pipeline_schedule == "ZBVZeroBubble":
+        return 0
+    return (parallel_dims.world_size // parallel_dims.pp) * (parallel_dims.pp - 1)
 
 
 def tap_spec(config, model_name: str) -> TapSpec:
@@ -93,7 +145,8 @@ class NerveSession:
         )
         self.groups = groups
         self.monitor: NerveMonitor | None = None
-        self.lr_schedulers = None
+        # torchtitan's current step, set by the adapter once the Trainer has built what counts steps
+        self.current_step: Callable[[], int] | None = None
         self.writers: list | None = None  # built at the first write; writers that fail are dropped
         self.pipelined = False
         self.in_pipeline_chunk = 0
@@ -192,14 +245,13 @@ class NerveSession:
         # Evaluation forwards run without grad and must not count, nor must pipeline shape inference.
         if not torch.is_grad_enabled() or (self.pipelined and not self.in_pipeline_chunk):
             self.monitor.pause()
-        elif self.lr_schedulers is not None:
-            self.monitor.begin_step(self.lr_schedulers.schedulers[0].last_epoch + 1)
+        elif self.current_step is not None:
+            self.monitor.begin_step(self.current_step())
 
     def after_optimizer_step(self, optimizers, args, kwargs) -> None:
         """The optimizers container's step post-hook: the end of torchtitan's current step, on every rank (the
-        one place where every rank can issue the merge's collectives at the same step). The LR scheduler has
-        not stepped yet, so ``last_epoch + 1`` is still this step."""
-        self.end_step(self.lr_schedulers.schedulers[0].last_epoch + 1, self.processor)
+        one place where every rank can issue the merge's collectives at the same step)."""
+        self.end_step(self.current_step(), self.processor)
 
     def end_step(self, step: int, metrics_processor: MetricsProcessor) -> None:
         if self.monitor is None:

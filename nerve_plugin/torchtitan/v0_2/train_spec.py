@@ -23,20 +23,19 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import torch
 import torchtitan.components.optimizer as tt_optimizer
 from torchtitan.components.metrics import build_metrics_processor
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.train_spec import TrainSpec, get_train_spec, register_train_spec
 
-from nerve_plugin.monitor import ParallelGroups
 from nerve_plugin.torchtitan.corpus import build_corpus_dataloader
 from nerve_plugin.torchtitan.muon import OPTIMIZER_NAME, build_muon_optimizers, muon_config
 from nerve_plugin.torchtitan.session import (
     SESSION_ATTRIBUTE,
-    JobFacts,
     NerveSession,
+    job_facts,
+    process_groups,
     session_of,
     session_of_parts,
     tap_spec,
@@ -58,35 +57,20 @@ def enabled(job_config) -> bool:
     return bool(config is not None and config.enable)
 
 
-def job_facts(job_config, parallel_dims) -> JobFacts:
-    """What the session needs of a 0.2.2 JobConfig."""
-    training, parallelism, checkpoint = job_config.training, job_config.parallelism, job_config.checkpoint
-    dp = parallel_dims.dp_replicate * parallel_dims.dp_shard
-    global_batch = training.global_batch_size if training.global_batch_size > 0 else training.local_batch_size * dp
-    forwards = max(1, global_batch // (training.local_batch_size * dp))
-    if parallel_dims.pp_enabled:
-        forwards *= max(1, training.local_batch_size // parallelism.pipeline_parallel_microbatch_size)
-    return JobFacts(
-        dump_folder=job_config.job.dump_folder,
-        tensorboard_root=os.path.join(job_config.job.dump_folder, job_config.metrics.save_tb_folder),
-        steps=training.steps,
-        checkpoint_interval=checkpoint.interval if checkpoint.enable else 0,
-        forwards_per_step=forwards,
-    )
-
-
 def new_session(job_config, parallel_dims, model_name: str, model_args=None) -> NerveSession:
     """The session of a 0.2.2 job: its [nerve] section, its facts, its process groups."""
     config = nerve_config(job_config)
     spec = tap_spec(config, model_name)  # first: a model without taps is refused before anything else
-    groups = ParallelGroups(
-        token_group=_optional_group(parallel_dims, "loss"),
-        feature_group=_optional_group(parallel_dims, "tp"),
-        report_rank=_metrics_rank(parallel_dims, job_config),
+    facts = job_facts(
+        job_config.job.dump_folder,
+        job_config.training,
+        job_config.parallelism,
+        job_config.checkpoint,
+        job_config.metrics,
+        parallel_dims,
     )
-    return NerveSession(
-        config, job_facts(job_config, parallel_dims), groups, spec, getattr(model_args, "n_layers", None)
-    )
+    groups = process_groups(parallel_dims, job_config.parallelism.pipeline_parallel_schedule)
+    return NerveSession(config, facts, groups, spec, getattr(model_args, "n_layers", None))
 
 
 WRAPPED = "_nerve_wrapped"  # marks the builders of a spec nerve wrapped
@@ -142,7 +126,9 @@ def wrap_train_spec(spec: TrainSpec, model_name: str) -> TrainSpec:
         schedulers = original_lr_schedulers(optimizers, lr_config, training_steps, *args, **kwargs)
         session = session_of_parts(getattr(optimizers, "model_parts", ()))
         if session is not None:
-            session.lr_schedulers = schedulers
+            # last_epoch counts finished optimizer steps (restored from checkpoints): + 1 is the step running,
+            # also in the optimizer step's post-hook, which runs before the LR step
+            session.current_step = lambda: schedulers.schedulers[0].last_epoch + 1
             optimizers.register_step_post_hook(session.after_optimizer_step)
         return schedulers
 
@@ -245,30 +231,6 @@ def check_dataset_path(job_config) -> None:
             f"{what} does not exist (relative to {os.getcwd()}): set training.dataset_path to the dataset's "
             f"folder, {OFFLINE_HINT}"
         )
-
-
-def _optional_group(parallel_dims, name: str):
-    """The process group of a mesh dimension, or None when that parallelism is off. (A degree-1 dimension can
-    still hand out a group spanning other ranks, so the degree decides, and the group must match it.)"""
-    degree = {"loss": parallel_dims.dp_replicate * parallel_dims.dp_shard * parallel_dims.cp, "tp": parallel_dims.tp}[
-        name
-    ]
-    if degree == 1:
-        return None
-    group = parallel_dims.get_mesh(name).get_group()
-    if torch.distributed.get_world_size(group) != degree:
-        raise RuntimeError(
-            f"nerve: mesh {name!r} has a group of {torch.distributed.get_world_size(group)} ranks, expected {degree}"
-        )
-    return group
-
-
-def _metrics_rank(parallel_dims, job_config) -> int:
-    # The rank whose TensorBoard run holds the loss: torchtitan logs from the first rank of the last pipeline
-    # stage, or rank 0 (also for the ZBVZeroBubble schedule, which returns the loss on rank 0).
-    if not parallel_dims.pp_enabled or job_config.parallelism.pipeline_parallel_schedule == "ZBVZeroBubble":
-        return 0
-    return (parallel_dims.world_size // parallel_dims.pp) * (parallel_dims.pp - 1)
 
 
 # The job's JobConfig, put on each model part by the wrapped parallelize_fn (the Trainer calls it before building
