@@ -1,6 +1,7 @@
 """nerve-demo: a short offline pre-training of torchtitan's tiny llama3 with NerVE on, then a summary.
 
-Runs ``torchrun -m torchtitan.train`` on the packaged config (configs/debug_stdlib.toml): the Python standard
+Runs ``torchrun -m torchtitan.train`` on the packaged job (torchtitan 0.2.x: configs/debug_stdlib.toml; 0.3.x:
+the same job as nerve's registry function ``nerve_debug_stdlib``): the Python standard
 library's source as corpus, nerve's shipped vocabulary, one process per GPU, or one CPU process without a GPU.
 Progress is shown as torchtitan logs it; the full log is kept in <dump folder>/demo.log. At the end it prints
 where the TensorBoard run is and a per-layer table of the last logged NerVE metrics.
@@ -36,6 +37,16 @@ def packaged_config() -> Path:
     return Path(str(resources.files("nerve_plugin") / "torchtitan" / "configs" / "debug_stdlib.toml"))
 
 
+def torchtitan_version() -> str:
+    """The installed torchtitan's version, without importing it (seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torchtitan")
+    except PackageNotFoundError:
+        return "none"
+
+
 def gpu_available() -> bool:
     import torch
 
@@ -53,7 +64,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's, 40)")
     parser.add_argument("--nproc", type=int, default=None, help="processes (default: one per GPU, else 1)")
     parser.add_argument("--dump-folder", default="./outputs/nerve_demo", help="where the run writes everything")
-    parser.add_argument("--config", default=None, help="a torchtitan TOML to run instead of the packaged one")
+    parser.add_argument("--config", default=None, help="a torchtitan 0.2.x TOML to run instead of the packaged one")
     parser.add_argument("torchtitan_args", nargs=argparse.REMAINDER, help="after --: passed to torchtitan")
     return parser.parse_args(argv)
 
@@ -69,10 +80,18 @@ def main(argv=None) -> int:
     if not gpu_available():
         # torchtitan autocasts to bf16 when it does not shard; most CPUs run bf16 matmuls several times slower.
         extra = ["--training.mixed_precision_param", "float32", *extra]
+    if torchtitan_version().startswith("0.2."):
+        job = ["--job.config_file", str(args.config or packaged_config()), "--job.dump_folder", str(dump)]
+    elif args.config is not None:
+        print(
+            f"nerve-demo: --config takes a TOML, which torchtitan {torchtitan_version()} does not read", file=sys.stderr
+        )
+        return 2
+    else:  # 0.3.0's config registry: the same job as configs/debug_stdlib.toml
+        job = ["--module", "nerve_plugin.torchtitan.v0_3", "--config", "nerve_debug_stdlib", "--dump_folder", str(dump)]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "torchtitan.train", "--job.config_file", str(args.config or packaged_config()),
-        "--job.dump_folder", str(dump), *extra,
+        "-m", "torchtitan.train", *job, *extra,
     ]  # fmt: skip
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

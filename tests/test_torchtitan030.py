@@ -6,6 +6,7 @@ tests/tt030.py's ``tiny`` config: llama3 debugmodel on synthetic tokens, weights
 
 import json
 import re
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -35,6 +36,13 @@ NERVE = ["--nerve.enable", "--nerve.log_freq", "1"]
 LAYOUTS = {
     "fsdp": ["--parallelism.data_parallel_shard_degree", "2", "--training.local_batch_size", "2"],
     "tp": ["--parallelism.tensor_parallel_degree", "2"],
+    "fsdp_full_ac": [
+        "--parallelism.data_parallel_shard_degree",
+        "2",
+        "--training.local_batch_size",
+        "2",
+        "activation-checkpoint:full",
+    ],
     "fsdp_compile": [
         "--parallelism.data_parallel_shard_degree",
         "2",
@@ -134,3 +142,54 @@ def test_a_bad_value_stops_every_rank_before_step_1_naming_the_key(flag, value, 
     text = " ".join(re.sub(r"\[rank\d+\]:|[│╭╮╰╯─]", " ", proc.stdout).split())
     assert message in text
     assert "step:" not in proc.stdout
+
+
+def test_resume_logs_each_step_once_and_measures_what_the_uninterrupted_run_measured(tmp_path):
+    # overlapped solves: step 1's records arrive at step 4, and step 4's are flushed before its checkpoint
+    job = [
+        *NERVE[:1],
+        "--nerve.log_freq",
+        "4",
+        "--nerve.solve_timing",
+        "overlap",
+        "--training.steps",
+        "5",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.no-last-save-model-only",
+    ]
+    full, _ = run(tmp_path / "full", *job)
+    assert sorted(nerve_records(full)) == [1, 4]
+
+    # A second job resumes from the first one's step-2 checkpoint, where an interrupted attempt had already
+    # written the JSONL of steps 1 and 4: it must log step 4 once, measured as the uninterrupted run measured it.
+    resumed = tmp_path / "resumed" / "outputs"
+    shutil.copytree(full / "checkpoint" / "step-2", resumed / "checkpoint" / "step-2")
+    (resumed / "nerve").mkdir(parents=True)
+    shutil.copy(full / "nerve" / "metrics.jsonl", resumed / "nerve" / "metrics.jsonl")
+    _, proc = run(tmp_path / "resumed", *job)
+    assert "Training starts at step 3" in proc.stdout
+    lines = read_jsonl(resumed / "nerve" / "metrics.jsonl")
+    assert [line["step"] for line in lines] == [1] * N_LAYERS + [4] * N_LAYERS
+    again = {record["layer"]: record for record in lines if record["step"] == 4}
+    assert_metrics_close(again, nerve_records(full)[4], rel=1e-12)
+
+
+def test_nerve_demo_trains_offline_on_0_3_and_prints_the_last_metrics(tmp_path):
+    from test_demo import run_demo
+
+    from nerve_plugin.demo import format_table
+
+    dump = tmp_path / "demo"
+    proc = run_demo(tmp_path, dump)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step:  3  loss:" in proc.stdout
+    assert f"TensorBoard run: {dump / 'tb'}" in proc.stdout
+    records = read_jsonl(dump / "nerve" / "metrics.jsonl")
+    assert sorted({r["step"] for r in records}) == [1, 2]
+    assert [r["layer"] for r in records if r["step"] == 2] == list(range(N_LAYERS))
+    assert format_table([r for r in records if r["step"] == 2], 2) in proc.stdout
+    log = (dump / "demo.log").read_text()
+    assert "torchtitan version: 0.3." in log  # the route the installed torchtitan takes
+    assert "Corpus: " in log and "stdlib_bpe.tiktoken" in log  # nerve's corpus and shipped vocabulary, offline

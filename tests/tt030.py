@@ -2,8 +2,7 @@
 
 The 0.3.0 counterpart of tt_synthetic: torchtitan's llama3 debugmodel as nerve's ``NerveTrainer.Config`` (through
 nerve's registry), made to train on CPU processes and to be comparable across parallelisms:
-  - CPU mode (nerve_plugin.torchtitan.cpu_mode), and causal SDPA in place of FlexAttention, which has no CPU
-    backward in torch 2.13 (0.3.0 refuses ``attn_backend="sdpa"`` for its language models);
+  - CPU mode, on by importing nerve's registry (and NerveTrainer's causal SDPA in place of FlexAttention);
   - no tokenizer files (a stand-in that only knows the vocabulary size) and the synthetic token stream of
     synthetic_tokens.py, so any dp degree sees the same global batches;
   - weights that do not depend on the parallelism: each parameter starts as that of an unsharded model
@@ -18,38 +17,17 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nerve_plugin.taps import canonical_name
-from nerve_plugin.torchtitan.cpu_mode import enable_cpu_mode
+from nerve_plugin.torchtitan.v0_3.config_registry import as_nerve_config  # first: it turns CPU mode on
 from synthetic_tokens import VOCAB, SyntheticTokens
+from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.components.metrics import MetricsProcessor
+from torchtitan.components.tokenizer import BaseTokenizer
 
-enable_cpu_mode()
-
-from torchtitan.components.dataloader import ParallelAwareDataloader  # noqa: E402
-from torchtitan.components.metrics import MetricsProcessor  # noqa: E402
-from torchtitan.components.tokenizer import BaseTokenizer  # noqa: E402
-
-from nerve_plugin.torchtitan.v0_3.config_registry import as_nerve_config  # noqa: E402
 
 INIT_SEED = 42
-
-
-class CausalSDPA(nn.Module):
-    """FlexAttention's call signature (B, L, N, H in and out), computed by causal SDPA."""
-
-    def forward(self, q, k, v, *, attention_masks=None, scale=None, enable_gqa=False, **kwargs):
-        if isinstance(q, DTensor):
-            # Under TP the heads are sharded and attention is per head: each rank's own heads, exactly (CPU SDPA
-            # has no DTensor sharding rule).
-            local = self.forward(q.to_local(), k.to_local(), v.to_local(), scale=scale, enable_gqa=enable_gqa)
-            return DTensor.from_local(local, q.device_mesh, q.placements, run_check=False)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=enable_gqa
-        )
-        return out.transpose(1, 2)
 
 
 class VocabularyOnly(BaseTokenizer):
@@ -125,8 +103,6 @@ def _cpu_model_spec(spec):
     torchtitan_parallelize = spec.parallelize_fn
 
     def parallelize(model, **kwargs):
-        for block in model.layers.values():
-            block.attention.inner_attention = CausalSDPA()
         _seeded_init(model, spec.model)
         return torchtitan_parallelize(model, **kwargs)
 

@@ -17,7 +17,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset, get_worker_info
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
-from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
 # Test suites are full of deliberately odd files (bad encodings, huge literals); third-party
@@ -150,7 +149,7 @@ def build_corpus_dataloader(
     dp_world_size: int,
     dp_rank: int,
     tokenizer: BaseTokenizer,
-    job_config: JobConfig,
+    job_config,
     infinite: bool = True,
 ) -> ParallelAwareDataloader:
     """TrainSpec.build_dataloader_fn: the stdlib corpus, or `training.dataset_path`."""

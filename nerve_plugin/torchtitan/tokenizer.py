@@ -1,7 +1,6 @@
 """nerve's offline BPE tokenizer (nerve_plugin/tokenizer.py) as torchtitan's tokenizer."""
 
 from torchtitan.components.tokenizer import BaseTokenizer
-from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
 from nerve_plugin.tokenizer import SHIPPED_VOCAB, find_tokenizer_file
@@ -15,7 +14,7 @@ class TiktokenTokenizer(_TiktokenTokenizer, BaseTokenizer):
     get_vocab_size)."""
 
 
-def build_tiktoken_tokenizer(job_config: JobConfig) -> TiktokenTokenizer:
+def build_tiktoken_tokenizer(job_config) -> TiktokenTokenizer:
     """TrainSpec.build_tokenizer_fn: `model.hf_assets_path` if it holds a tiktoken file,
     otherwise the vocabulary shipped with nerve (so the default job runs offline)."""
     path = job_config.model.hf_assets_path

@@ -11,7 +11,13 @@ import dataclasses
 import functools
 import importlib
 
-from nerve_plugin.torchtitan.v0_3.trainer import NerveTrainer
+from nerve_plugin.torchtitan.cpu_mode import enable_cpu_mode
+
+# torchtitan imports this module (--module) before it builds the Trainer's device and process group: the place
+# where CPU mode must be on (on a machine with a GPU it does nothing).
+enable_cpu_mode()
+
+from nerve_plugin.torchtitan.v0_3.trainer import NerveTrainer  # noqa: E402
 
 
 def _models() -> list[str]:
@@ -34,6 +40,40 @@ def as_nerve_config(config) -> NerveTrainer.Config:
     """A torchtitan ``Trainer.Config`` as a ``NerveTrainer.Config``: the same field values, ``nerve`` off."""
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
     return NerveTrainer.Config(**values)
+
+
+def nerve_debug_stdlib() -> NerveTrainer.Config:
+    """nerve's main job (nerve-demo; 0.2.2: configs/debug_stdlib.toml): torchtitan's tiny llama3 debugmodel
+    pre-trained offline on the Python standard library's source with nerve's shipped BPE vocabulary, NerVE on at
+    every 10th step (all layers). Runs as is on a CPU or on GPUs."""
+    from torchtitan.components.metrics import MetricsProcessor
+    from torchtitan.models.llama3.config_registry import llama3_debugmodel
+
+    from nerve_plugin.torchtitan.v0_3.data import CorpusDataLoader, CorpusTokenizer
+
+    config = as_nerve_config(llama3_debugmodel())
+    config.dump_folder = "./outputs/nerve_debug"
+    config.hf_assets_path = ""  # empty: nerve's shipped vocabulary (2048 tokens, the debugmodel's vocab_size)
+    config.tokenizer = CorpusTokenizer.Config()
+    config.dataloader = CorpusDataLoader.Config(seed=0)
+    config.training.local_batch_size = 4
+    config.training.seq_len = 128
+    config.training.steps = 40
+    config.training.max_norm = 1.0
+    for group in config.optimizer.param_groups:
+        group.optimizer_kwargs["lr"] = 3e-3
+    config.lr_scheduler.warmup_steps = 5
+    config.lr_scheduler.decay_ratio = None
+    # a 6M-parameter model has nothing to save; recomputation would only slow the CPU run
+    config.activation_checkpoint = None
+    config.metrics = MetricsProcessor.Config(log_freq=5, enable_tensorboard=True, save_tb_folder="tb")
+    config.checkpoint.enable = False
+    config.validator.enable = False
+    config.debug.seed = 0  # the same initial weights every run (torchtitan draws them unseeded otherwise)
+    config.nerve.enable = True
+    config.nerve.log_freq = 10
+    config.nerve.max_overhead = 0  # every layer at every logged step: the demo's table shows them all
+    return config
 
 
 def __getattr__(name: str):

@@ -1,7 +1,8 @@
 """NerVE inside torchtitan 0.3.0's Trainer: ``NerveTrainer`` adds the ``[nerve]`` section and starts a session.
 
 torchtitan 0.3.0 builds everything in ``Trainer.__init__`` from ``config.model_spec`` and the config sections.
-With ``nerve.enable`` the model spec's ``parallelize_fn`` is wrapped, so the taps are attached to the model (or to
+The model spec's ``parallelize_fn`` is wrapped: on a machine without a GPU it first makes the model trainable
+there (cpu.py), and with ``nerve.enable`` the taps are attached to the model (or to
 each pipeline stage: pipelining calls the same function per stage) before torchtitan's TP, activation
 checkpointing, compile and FSDP; after ``Trainer.__init__`` the session gets the Trainer's own step counter, the
 optimizers container's step post-hook (the end of a step: 0.3.0 asks ``should_log`` at the start of a step) and
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from torchtitan.trainer import Trainer
 
 from nerve_plugin.torchtitan.sections import Nerve
+from nerve_plugin.torchtitan.v0_3.cpu import use_causal_sdpa
 from nerve_plugin.torchtitan.session import (
     SESSION_ATTRIBUTE,
     NerveSession,
@@ -33,13 +35,13 @@ class NerveTrainer(Trainer):
 
     def __init__(self, config: Config):
         self.nerve_session: NerveSession | None = None
-        if config.nerve.enable:
-            spec = config.model_spec
-            config.model_spec = dataclasses.replace(
-                spec,
-                parallelize_fn=self._attaching(config, spec.parallelize_fn),
-                pipelining_fn=self._watching(spec.pipelining_fn) if spec.pipelining_fn is not None else None,
-            )
+        spec = config.model_spec
+        pipelining_fn = spec.pipelining_fn
+        if config.nerve.enable and pipelining_fn is not None:
+            pipelining_fn = self._watching(pipelining_fn)
+        config.model_spec = dataclasses.replace(
+            spec, parallelize_fn=self._parallelizing(config, spec.parallelize_fn), pipelining_fn=pipelining_fn
+        )
         super().__init__(config)
         session = self.nerve_session
         if session is None:
@@ -48,13 +50,16 @@ class NerveTrainer(Trainer):
         self.optimizers.register_step_post_hook(session.after_optimizer_step)
         session.start(self.metrics_processor)
 
-    def _attaching(self, config: Config, parallelize_fn):
-        """``parallelize_fn`` that first attaches the taps to the model (part) it is handed."""
+    def _parallelizing(self, config: Config, parallelize_fn):
+        """``parallelize_fn`` that first adapts the model (part) it is handed to a CPU (cpu.py; nothing on a GPU)
+        and, with NerVE on, attaches the taps to it."""
 
         def parallelize(model, *, parallel_dims, **kwargs):
-            session = self._session(config, parallel_dims)
-            session.attach(model)
-            setattr(model, SESSION_ATTRIBUTE, session)
+            use_causal_sdpa(model)
+            if config.nerve.enable:
+                session = self._session(config, parallel_dims)
+                session.attach(model)
+                setattr(model, SESSION_ATTRIBUTE, session)
             return parallelize_fn(model, parallel_dims=parallel_dims, **kwargs)
 
         return parallelize
