@@ -4,6 +4,7 @@ Runs where torchtitan 0.3.x is installed (.ci/run's second environment) and is s
 tests/tt030.py's ``tiny`` config: llama3 debugmodel on synthetic tokens, weights independent of the parallelism.
 """
 
+import copy
 import json
 import re
 import shutil
@@ -11,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import assert_metrics_close, read_jsonl
 from torchtitan_harness import run_torchtitan_args
@@ -193,3 +195,95 @@ def test_nerve_demo_trains_offline_on_0_3_and_prints_the_last_metrics(tmp_path):
     log = (dump / "demo.log").read_text()
     assert "torchtitan version: 0.3." in log  # the route the installed torchtitan takes
     assert "Corpus: " in log and "stdlib_bpe.tiktoken" in log  # nerve's corpus and shipped vocabulary, offline
+
+
+class Toy(torch.nn.Module):
+    """An embedding, two hidden matrices (Muon's) and an output head, a norm weight and a bias (AdamW's)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tok_embeddings = torch.nn.Embedding(16, 8)
+        self.w1 = torch.nn.Linear(8, 12)
+        self.w2 = torch.nn.Linear(12, 8, bias=False)
+        self.norm = torch.nn.LayerNorm(8)
+        self.output = torch.nn.Linear(8, 16, bias=False)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def _set_grads(model, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+def test_muon_container_is_torch_muon_plus_adamw_bitwise_and_checkpoints_by_name():
+    from torchtitan.components.optimizer import default_adamw
+
+    from nerve_plugin.torchtitan.muon import MuonSection
+    from nerve_plugin.torchtitan.v0_3.muon import MuonContainer
+
+    base = default_adamw(lr=0.01)
+    config = MuonContainer.Config(param_groups=base.param_groups, implementation="foreach", muon=MuonSection())
+    model, ref_model = Toy(), Toy()
+    container = config.build(model_parts=[model])
+    hidden = {"w1.weight", "w2.weight"}
+    ref_params = dict(ref_model.named_parameters())
+    muon_kw = {"lr": 0.01, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "adjust_lr_fn": "match_rms_adamw"}
+    reference = [
+        torch.optim.Muon([ref_params[n] for n in sorted(hidden)], **muon_kw),
+        torch.optim.AdamW(
+            [p for n, p in ref_params.items() if n not in hidden],
+            lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True,
+        ),
+    ]  # fmt: skip
+    for step in range(3):
+        _set_grads(model, step)
+        _set_grads(ref_model, step)
+        container.step()
+        for optimizer in reference:
+            optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ref_params[name]), name
+
+    # 0.3.0's checkpoint format: one flat state dict keyed by parameter name; a fresh container continues bitwise
+    state = copy.deepcopy(container.state_dict())  # as saving and loading a checkpoint copies it
+    assert "state.w1.weight.momentum_buffer" in state and "state.norm.weight.exp_avg_sq" in state
+    resumed_model = Toy()
+    with torch.no_grad():
+        for p, q in zip(resumed_model.parameters(), model.parameters()):
+            p.copy_(q)
+    resumed = config.build(model_parts=[resumed_model])
+    resumed.load_state_dict(state)
+    for step in range(3, 5):
+        _set_grads(model, step)
+        _set_grads(resumed_model, step)
+        container.step()
+        resumed.step()
+    for p, q in zip(resumed_model.parameters(), model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_muon_container_refuses_param_groups_it_cannot_split():
+    from torchtitan.components.optimizer import ParamGroupConfig, default_adamw
+
+    from nerve_plugin.torchtitan.muon import MuonConfigError
+    from nerve_plugin.torchtitan.v0_3.muon import MuonContainer
+
+    groups = [ParamGroupConfig(pattern=r"norm", optimizer_name="Adam", optimizer_kwargs={"lr": 1e-3})]
+    config = MuonContainer.Config(param_groups=groups + default_adamw().param_groups)
+    with pytest.raises(MuonConfigError, match="expected one catch-all AdamW group"):
+        config.build(model_parts=[Toy()])
+
+
+def test_muon_trains_under_fsdp_with_nerve_and_takes_its_keys_from_the_command_line(tmp_path):
+    folder, proc = run(tmp_path, "--config", "tiny_muon", *NERVE, *LAYOUTS["fsdp"], "--training.steps", "3", nproc=2)
+    assert "Muon (model part 0)" in proc.stdout
+    losses = [m["loss"] for m in exact_metrics(folder)[0]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert sorted(nerve_records(folder)) == [1, 2, 3]
+    _, bad = run(tmp_path / "bad", "--config", "tiny_muon", "--optimizer.muon.momentum", "1.0", check=False)
+    text = " ".join(re.sub(r"\[rank\d+\]:|[│╭╮╰╯─]", " ", bad.stdout).split())
+    assert bad.returncode != 0 and "[muon] momentum = 1.0 is not allowed: expected a number in [0, 1)" in text

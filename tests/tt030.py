@@ -134,3 +134,11 @@ def tiny():
     config.training.mixed_precision_param = "float32"  # fp32 compute: bf16 on CPUs is slow and blurs comparisons
     config.parallelism.spmd_backend = "partial_dtensor"  # the only one gloo runs for 2 ranks (NOTES.md)
     return config
+
+
+def tiny_muon():
+    """``tiny`` with nerve's Muon (float32 Newton-Schulz: bf16 matmuls crawl on CPUs)."""
+    from nerve_plugin.torchtitan.muon import MuonSection
+    from nerve_plugin.torchtitan.v0_3.muon import with_muon
+
+    return with_muon(tiny(), MuonSection(ns_dtype="float32"))

@@ -133,33 +133,40 @@ class MuonOptimizersContainer(OptimizersContainer):
         self._post_init(all_params, {"lr": muon_kwargs["lr"]})
 
 
+def muon_optimizer_kwargs(section: MuonSection, adamw: dict) -> dict:
+    """nerve_plugin.muon.Muon's arguments: the ``[muon]`` section, and ``adamw``, the AdamW group's kwargs (lr,
+    betas, eps, weight_decay, fused/foreach), whose lr and weight_decay the Muon group takes where the section
+    leaves them unset. One place for both torchtitan versions."""
+    return {
+        "lr": adamw["lr"] if section.lr is None else section.lr,
+        "weight_decay": adamw.get("weight_decay", 0.0) if section.weight_decay is None else section.weight_decay,
+        "momentum": section.momentum,
+        "nesterov": section.nesterov,
+        "ns_coefficients": tuple(float(c) for c in section.ns_coefficients),
+        "eps": section.eps,
+        "ns_steps": section.ns_steps,
+        "adjust_lr_fn": section.adjust_lr,
+        "bucket_mb": section.bucket_mb,
+        "ns_dtype": NS_DTYPES[section.ns_dtype],
+        "adamw": adamw,
+    }
+
+
 def build_muon_optimizers(model_parts, optimizer_config, parallel_dims, ft_manager=None, muon_config=None):
     """The OptimizersBuilder for ``[optimizer] name = "Muon"``; ``muon_config`` is the ``[muon]`` section."""
     muon_config = muon_config if muon_config is not None else MuonSection()
     _check_parallelism(optimizer_config, parallel_dims, ft_manager)
     implementation = optimizer_config.implementation
-    weight_decay = optimizer_config.weight_decay if muon_config.weight_decay is None else muon_config.weight_decay
-    muon_kwargs = {
-        "lr": optimizer_config.lr if muon_config.lr is None else muon_config.lr,
-        "weight_decay": weight_decay,
-        "momentum": muon_config.momentum,
-        "nesterov": muon_config.nesterov,
-        "ns_coefficients": tuple(float(c) for c in muon_config.ns_coefficients),
-        "eps": muon_config.eps,
-        "ns_steps": muon_config.ns_steps,
-        "adjust_lr_fn": muon_config.adjust_lr,
-        "bucket_mb": muon_config.bucket_mb,
-        "ns_dtype": NS_DTYPES[muon_config.ns_dtype],
-        # the AdamW group: exactly what torchtitan's own build_optimizers makes of [optimizer]
-        "adamw": {
-            "lr": optimizer_config.lr,
-            "betas": (optimizer_config.beta1, optimizer_config.beta2),
-            "eps": optimizer_config.eps,
-            "weight_decay": optimizer_config.weight_decay,
-            "fused": implementation == "fused",
-            "foreach": implementation == "foreach",
-        },
+    # the AdamW group: exactly what torchtitan's own build_optimizers makes of [optimizer]
+    adamw = {
+        "lr": optimizer_config.lr,
+        "betas": (optimizer_config.beta1, optimizer_config.beta2),
+        "eps": optimizer_config.eps,
+        "weight_decay": optimizer_config.weight_decay,
+        "fused": implementation == "fused",
+        "foreach": implementation == "foreach",
     }
+    muon_kwargs = muon_optimizer_kwargs(muon_config, adamw)
     container = MuonOptimizersContainer(model_parts, muon_kwargs, muon_config.muon_params)
     for i, optimizer in enumerate(container.optimizers):
         logger.info(f"Muon (model part {i}): {optimizer.describe()}")

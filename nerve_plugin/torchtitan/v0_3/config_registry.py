@@ -2,7 +2,8 @@
 
 ``--module nerve_plugin.torchtitan.v0_3 --config llama3_8b`` finds ``llama3_8b`` in
 ``torchtitan.models.llama3.config_registry`` (the model is the name's longest known prefix) and returns its config
-with every field as torchtitan set it, plus ``nerve`` at its defaults (off).
+with every field as torchtitan set it, plus ``nerve`` at its defaults (off); ``<config>_muon`` the same with
+nerve's Muon as its optimizer (muon.py).
 """
 
 from __future__ import annotations
@@ -76,15 +77,29 @@ def nerve_debug_stdlib() -> NerveTrainer.Config:
     return config
 
 
+MUON_SUFFIX = "_muon"  # <config>_muon: the same config with nerve's Muon as its optimizer (muon.py)
+
+
 def __getattr__(name: str):
-    registry = _registry_of(name) if not name.startswith("_") else None
-    function = getattr(registry, name, None) if registry is not None else None
+    muon = name.endswith(MUON_SUFFIX)
+    base = name.removesuffix(MUON_SUFFIX)
+    if base.startswith("_"):
+        raise AttributeError(name)
+    function = globals().get(base) if base != name else None
+    if function is None:
+        registry = _registry_of(base)
+        function = getattr(registry, base, None) if registry is not None else None
     if function is None or not callable(function):
         raise AttributeError(name)
 
     @functools.wraps(function)
     def config_function() -> NerveTrainer.Config:
-        return as_nerve_config(function())
+        config = as_nerve_config(function())
+        if muon:
+            from nerve_plugin.torchtitan.v0_3.muon import with_muon
+
+            with_muon(config)
+        return config
 
     return config_function
 
@@ -97,4 +112,5 @@ def __dir__() -> list[str]:
         except ImportError:
             continue
         names += [n for n in dir(registry) if n.startswith(model) and callable(getattr(registry, n))]
-    return sorted(set(names))
+    names += ["nerve_debug_stdlib"]
+    return sorted({*names, *(n + MUON_SUFFIX for n in names)})
