@@ -287,3 +287,30 @@ def test_muon_trains_under_fsdp_with_nerve_and_takes_its_keys_from_the_command_l
     _, bad = run(tmp_path / "bad", "--config", "tiny_muon", "--optimizer.muon.momentum", "1.0", check=False)
     text = " ".join(re.sub(r"\[rank\d+\]:|[│╭╮╰╯─]", " ", bad.stdout).split())
     assert bad.returncode != 0 and "[muon] momentum = 1.0 is not allowed: expected a number in [0, 1)" in text
+
+
+@pytest.mark.parametrize("enable", [False, True])
+def test_the_parallelize_wrapper_hooks_the_model_only_with_nerve_on(enable):
+    # In one process, without a Trainer: what NerveTrainer hands torchtitan as parallelize_fn, on the model
+    # torchtitan would give it. Off, nothing is hooked and no session exists; on, the taps' hooks are there (the
+    # same check fails if the wrapper ignored enable).
+    from torchtitan.distributed import ParallelDims
+
+    from helpers import hook_count
+    from nerve_plugin.torchtitan.v0_3.trainer import NerveTrainer
+    from tt030 import tiny
+
+    config = tiny()
+    config.nerve.enable = enable
+    trainer = NerveTrainer.__new__(NerveTrainer)  # the wrapper needs only the session slot
+    trainer.nerve_session = None
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, world_size=1)
+    with torch.device("meta"):
+        model = config.model_spec.model.build()
+    handed = []
+    parallelize = trainer._parallelizing(config, lambda m, **kwargs: handed.append(m) or m)
+    assert parallelize(model, parallel_dims=dims) is model and handed == [model]
+    if enable:
+        assert trainer.nerve_session is not None and hook_count(model) > 0
+    else:
+        assert trainer.nerve_session is None and hook_count(model) == 0
