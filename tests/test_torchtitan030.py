@@ -5,30 +5,22 @@ tests/tt030.py's ``tiny`` config: llama3 debugmodel on synthetic tokens, weights
 """
 
 import copy
-import json
 import re
 import shutil
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import assert_metrics_close, read_jsonl
-from torchtitan_harness import run_torchtitan_args
-
-
-def _torchtitan_version() -> str:
-    try:
-        return version("torchtitan")
-    except PackageNotFoundError:
-        return ""
+from nerve_plugin.demo import torchtitan_version
+from torchtitan_harness import read_metrics, run_torchtitan_args
 
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not _torchtitan_version().startswith("0.3."), reason="needs torchtitan 0.3.x (.ci/run's second environment)"
+        not torchtitan_version().startswith("0.3."), reason="needs torchtitan 0.3.x (.ci/run's second environment)"
     ),
 ]
 
@@ -72,12 +64,9 @@ def nerve_records(folder) -> dict[int, dict[int, dict]]:
     return out
 
 
-def exact_metrics(folder) -> dict[int, list[dict]]:
-    """{rank: [{"step", "loss", "max_loss", "grad_norm"}, ...]}, as tt030 writes them."""
-    return {
-        int(f.stem.removeprefix("metrics_rank")): [json.loads(line) for line in f.read_text().splitlines() if line]
-        for f in sorted(folder.glob("metrics_rank*.jsonl"))
-    }
+def tyro_text(stdout: str) -> str:
+    """torchtitan 0.3.0's error as one line: tyro prints it in a box, wrapped, each line with its rank prefix."""
+    return " ".join(re.sub(r"\[rank\d+\]:|[│╭╮╰╯─]", " ", stdout).split())
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +98,7 @@ def test_training_is_bitwise_unchanged_and_metrics_reach_torchtitans_event_file(
     fsdp = LAYOUTS["fsdp"]
     on, _ = run(tmp_path / "on", *NERVE, *fsdp, "--metrics.enable_tensorboard", nproc=2)
     off, _ = run(tmp_path / "off", *fsdp, "--metrics.enable_tensorboard", nproc=2)
-    metrics_on, metrics_off = exact_metrics(on), exact_metrics(off)
+    metrics_on, metrics_off = read_metrics(on), read_metrics(off)
     assert [m["step"] for m in metrics_on[0]] == [1, 2]
     assert metrics_on == metrics_off  # float repr round-trips: equal means bitwise equal loss and grad norm
     assert not (off / "nerve").exists()
@@ -140,9 +129,7 @@ def test_training_is_bitwise_unchanged_and_metrics_reach_torchtitans_event_file(
 def test_a_bad_value_stops_every_rank_before_step_1_naming_the_key(flag, value, message, tmp_path):
     _, proc = run(tmp_path, "--nerve.enable", flag, value, *LAYOUTS["fsdp"], nproc=2, check=False)
     assert proc.returncode != 0
-    # tyro prints the message in a box, wrapped: read it without the frame, the rank prefixes and the breaks
-    text = " ".join(re.sub(r"\[rank\d+\]:|[│╭╮╰╯─]", " ", proc.stdout).split())
-    assert message in text
+    assert message in tyro_text(proc.stdout)
     assert "step:" not in proc.stdout
 
 
@@ -281,11 +268,11 @@ def test_muon_container_refuses_param_groups_it_cannot_split():
 def test_muon_trains_under_fsdp_with_nerve_and_takes_its_keys_from_the_command_line(tmp_path):
     folder, proc = run(tmp_path, "--config", "tiny_muon", *NERVE, *LAYOUTS["fsdp"], "--training.steps", "3", nproc=2)
     assert "Muon (model part 0)" in proc.stdout
-    losses = [m["loss"] for m in exact_metrics(folder)[0]]
+    losses = [m["loss"] for m in read_metrics(folder)[0]]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert sorted(nerve_records(folder)) == [1, 2, 3]
     _, bad = run(tmp_path / "bad", "--config", "tiny_muon", "--optimizer.muon.momentum", "1.0", check=False)
-    text = " ".join(re.sub(r"\[rank\d+\]:|[│╭╮╰╯─]", " ", bad.stdout).split())
+    text = tyro_text(bad.stdout)
     assert bad.returncode != 0 and "[muon] momentum = 1.0 is not allowed: expected a number in [0, 1)" in text
 
 

@@ -210,11 +210,11 @@ def parse_steps(log: str) -> dict[int, dict[int, dict[str, float]]]:
     return out
 
 
-def read_metrics(config: dict) -> dict[int, list[dict]]:
-    """Exact per-step metrics written by tt_synthetic: {rank: [{"step", "loss",
-    "max_loss", "grad_norm"}, ...]}, read from the job's dump folder (appended to by
-    every run that uses it: give each run its own folder)."""
-    folder = Path(config["job"]["dump_folder"])
+def read_metrics(config: dict | Path) -> dict[int, list[dict]]:
+    """Exact per-step metrics written by the test harnesses (tt_synthetic, tt030): {rank: [{"step", "loss",
+    "max_loss", "grad_norm"}, ...]}, read from the job's dump folder (a config dict's job.dump_folder, or the
+    folder itself; appended to by every run that uses it: give each run its own folder)."""
+    folder = Path(config["job"]["dump_folder"]) if isinstance(config, dict) else Path(config)
     out = {}
     for f in sorted(folder.glob("metrics_rank*.jsonl")):
         rank = int(f.stem.removeprefix("metrics_rank"))

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nerve_plugin.taps import canonical_name
 from nerve_plugin.torchtitan.v0_3.config_registry import as_nerve_config  # first: it turns CPU mode on
+from nerve_plugin.torchtitan.v0_3.trainer import config_values
 from synthetic_tokens import VOCAB, SyntheticTokens
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.metrics import MetricsProcessor
@@ -109,10 +110,6 @@ def _cpu_model_spec(spec):
     return dataclasses.replace(spec, parallelize_fn=parallelize)
 
 
-def _fields(config) -> dict:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-
-
 def tiny():
     """llama3 debugmodel (6 blocks, FFN 768) on 4 sequences of 64 synthetic tokens a step, 2 steps, nerve at its
     defaults (off)."""
@@ -122,7 +119,7 @@ def tiny():
     config.model_spec = _cpu_model_spec(config.model_spec)
     config.tokenizer = VocabularyOnly.Config()
     config.dataloader = SyntheticDataLoader.Config()
-    config.metrics = JsonlMetricsProcessor.Config(**_fields(config.metrics))
+    config.metrics = JsonlMetricsProcessor.Config(**config_values(config.metrics))
     config.metrics.log_freq = 1
     config.training.seq_len = 64
     config.training.local_batch_size = 4

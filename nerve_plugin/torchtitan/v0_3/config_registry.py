@@ -8,7 +8,6 @@ nerve's Muon as its optimizer (muon.py).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 
@@ -18,7 +17,7 @@ from nerve_plugin.torchtitan.cpu_mode import enable_cpu_mode
 # where CPU mode must be on (on a machine with a GPU it does nothing).
 enable_cpu_mode()
 
-from nerve_plugin.torchtitan.v0_3.trainer import NerveTrainer  # noqa: E402
+from nerve_plugin.torchtitan.v0_3.trainer import NerveTrainer, config_values  # noqa: E402
 
 
 def _models() -> list[str]:
@@ -27,20 +26,22 @@ def _models() -> list[str]:
     return sorted(_supported_models, key=len, reverse=True)  # "qwen3_5" before "qwen3"
 
 
+def _registry(model: str):
+    """torchtitan's config registry of ``model``, or None where its optional dependencies are missing."""
+    try:
+        return importlib.import_module(f"torchtitan.models.{model}.config_registry")
+    except ImportError:
+        return None
+
+
 def _registry_of(name: str):
-    for model in _models():
-        if name.startswith(model + "_") or name == model:
-            try:
-                return importlib.import_module(f"torchtitan.models.{model}.config_registry")
-            except ImportError:
-                return None
-    return None
+    model = next((m for m in _models() if name.startswith(m + "_") or name == m), None)
+    return _registry(model) if model is not None else None
 
 
 def as_nerve_config(config) -> NerveTrainer.Config:
     """A torchtitan ``Trainer.Config`` as a ``NerveTrainer.Config``: the same field values, ``nerve`` off."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    return NerveTrainer.Config(**values)
+    return NerveTrainer.Config(**config_values(config))
 
 
 def nerve_debug_stdlib() -> NerveTrainer.Config:
@@ -107,10 +108,8 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     names = []
     for model in _models():
-        try:
-            registry = importlib.import_module(f"torchtitan.models.{model}.config_registry")
-        except ImportError:
-            continue
-        names += [n for n in dir(registry) if n.startswith(model) and callable(getattr(registry, n))]
+        registry = _registry(model)
+        if registry is not None:
+            names += [n for n in dir(registry) if n.startswith(model) and callable(getattr(registry, n))]
     names += ["nerve_debug_stdlib"]
     return sorted({*names, *(n + MUON_SUFFIX for n in names)})

@@ -15,7 +15,6 @@ alternative on GPUs; nerve's runs on CPUs too, under FSDP/HSDP and PP, and is th
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from torchtitan.components.checkpointer.utils import canonical_fqn
@@ -25,6 +24,7 @@ from torchtitan.tools.logging import logger
 from nerve_plugin.muon import Muon as MuonOptimizer
 from nerve_plugin.muon import split_params
 from nerve_plugin.torchtitan.muon import MuonConfigError, MuonSection, muon_optimizer_kwargs
+from nerve_plugin.torchtitan.v0_3.trainer import config_values
 
 
 class MuonContainer(OptimizersContainer):
@@ -54,7 +54,7 @@ class MuonContainer(OptimizersContainer):
 
 def _adamw_kwargs(config: MuonContainer.Config) -> dict:
     groups = config.param_groups
-    if len(groups) != 1 or groups[0].optimizer_name != "AdamW" or groups[0].pattern not in (".*", r".*"):
+    if len(groups) != 1 or groups[0].optimizer_name != "AdamW" or groups[0].pattern != ".*":
         described = [(g.pattern, g.optimizer_name) for g in groups]
         raise MuonConfigError(
             f"optimizer.param_groups = {described} is not allowed with nerve's Muon: expected one catch-all AdamW "
@@ -78,8 +78,7 @@ def muon_kwargs(config: MuonContainer.Config) -> dict:
 
 def with_muon(config, muon: MuonSection | None = None):
     """``config`` (a Trainer.Config) with nerve's Muon as its optimizer, the AdamW param group kept for the rest."""
-    optimizer = config.optimizer
-    values = {f.name: getattr(optimizer, f.name) for f in dataclasses.fields(optimizer) if f.init}
+    values = config_values(config.optimizer)
     values.pop("muon", None)
     config.optimizer = MuonContainer.Config(**values, muon=muon if muon is not None else MuonSection())
     return config

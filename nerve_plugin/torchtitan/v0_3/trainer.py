@@ -27,6 +27,11 @@ from nerve_plugin.torchtitan.session import (
 )
 
 
+def config_values(config) -> dict:
+    """The values of a config dataclass's constructor fields: what rebuilds it as another (sub)class."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
 class NerveTrainer(Trainer):
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
