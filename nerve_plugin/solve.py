@@ -11,6 +11,7 @@ same solve takes 5-7 s and training does not notice; the results arrive at a lat
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -113,6 +114,10 @@ def warn_if_not_ok(step: int, key: Key, solved: Solved) -> None:
 # How long the training thread waits for the background thread's last solve once it has taken over the rest:
 # a float64 host solve of n = 16384 takes minutes; past this the state is reported failed, not waited for.
 FINISH_TIMEOUT_S = 1800.0
+# At interpreter exit, how long the solver thread may finish the solve it is in. A daemon thread still inside a
+# torch call when the interpreter finalizes is torn down mid-call, which aborts the process ("terminate called
+# without an active exception"); a program that ends without close() gets this bounded wait instead.
+EXIT_JOIN_S = 30.0
 
 
 @dataclass
@@ -189,6 +194,7 @@ class BackgroundSolver:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="nerve-solver", daemon=True)
             self._thread.start()
+            atexit.register(self._stop_at_exit)
         job.thread = self._thread
         self._queue.put(job)
         return job
@@ -220,6 +226,12 @@ class BackgroundSolver:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+        atexit.unregister(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._queue.put(None)  # after the jobs queued before it: a job already running finishes
+            self._thread.join(timeout=EXIT_JOIN_S)
 
 
 def usable_cores() -> int:

@@ -17,6 +17,10 @@ from nerve_plugin import NerveLoop
 from toy_model import ToyModel
 
 path, mode = sys.argv[1], sys.argv[2]
+if mode == "sigint":
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell's background job starts with SIGINT
+    # ignored, and Python then installs none
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if mode == "sigterm_chained":
 
     def own_handler(signum, frame):
