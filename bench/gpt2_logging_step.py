@@ -84,6 +84,50 @@ def run_nerve(initial, batch, solver, logging_steps=5, normal_steps=10):
     return logging, median(normal), first, median(own[1:])
 
 
+def stream_timed(fn):
+    """Wall time of ``fn`` up to the end of its work on the training stream only: a side stream's work (the
+    "stream" solves) is not waited for, as training itself would not wait for it."""
+    stream = torch.cuda.current_stream()
+    stream.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    stream.synchronize()
+    return time.perf_counter() - start, out
+
+
+def run_window(initial, batch, timing, off, log_freq=10, windows=4):
+    """Whole logging intervals: every step of ``windows`` intervals of ``log_freq`` steps after a warm-up
+    interval, each step timed on the training stream. Returns (median logging step, median extra time of an
+    interval over log_freq steps of NerVE off, in seconds, steps that ended with a side-stream solve in flight)."""
+    from nerve_plugin.loop import NerveLoop
+
+    model = copy.deepcopy(initial)
+    step = make_step(model, batch)
+    loop = NerveLoop(
+        model,
+        blocks="transformer.h",
+        up="mlp.c_fc",
+        down="mlp.c_proj",
+        log_freq=log_freq,
+        solve_timing=timing,
+        max_overhead=0,
+    )
+    times, step1 = {}, None
+    in_flight = 0
+    torch.manual_seed(123)  # the same dropout masks at step 1 in every arm
+    for s in range(1, log_freq * (windows + 1) + log_freq):
+        times[s], (_, _, records) = stream_timed(lambda: (loop.begin_step(s), step(), loop.end_step(s)))
+        step1 = step1 or [r for r in records or [] if r.step == 1]
+        in_flight += int(loop.monitor._solves.in_flight())
+    loop.close()
+    logging = [times[s] for s in range(2 * log_freq, log_freq * (windows + 1) + 1, log_freq)]
+    extra = [
+        sum(times[t] for t in range(s, s + log_freq)) - log_freq * off
+        for s in range(2 * log_freq, log_freq * (windows + 1) + 1, log_freq)
+    ]
+    return median(logging), median(extra), in_flight, step1
+
+
 def profile_nerve(initial, batch, rows=25):
     """One warm logging step of NerveLoop (batched solver) with the training step's GPU work finished before
     end_step, so end_step's time is NerVE's alone; then torch.profiler over that end_step."""
@@ -150,6 +194,7 @@ def main():
     parser.add_argument("--original", default=None, help="folder holding the original NerVE package `nerve`")
     parser.add_argument("--tokens", default="16x512")
     parser.add_argument("--profile", action="store_true", help="also profile one logging step of the batched arm")
+    parser.add_argument("--window-freq", type=int, default=10, help="log_freq of the whole-interval arms")
     args = parser.parse_args()
     batch_size, seq = (int(v) for v in args.tokens.split("x"))
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -181,6 +226,27 @@ def main():
             f"| nerve NerveLoop sync, {solver} (end_step: merge + solves {own * 1e3:.0f} ms) | {normal * 1e3:.1f} ms | "
             f"{logging[0] * 1e3:.0f} ms | {rest * 1e3:.1f} ms | {rest / off:.2f} |"
         )
+    print()
+    print(f"Whole logging intervals (log_freq = {args.window_freq}), every step timed on the training stream:")
+    print("| solve_timing | logging step | in normal steps | interval's extra time | amortized at log_freq 100 |")
+    print("|---|---|---|---|---|")
+    step1 = {}
+    for timing in ("sync", "stream"):
+        logging, extra, in_flight, step1[timing] = run_window(initial, batch, timing, off, log_freq=args.window_freq)
+        print(
+            f"| {timing} | {logging * 1e3:.1f} ms | {logging / off:.2f} | {extra * 1e3:.1f} ms "
+            f"({extra / off:.2f} steps; {in_flight} steps ended with a solve in flight) | "
+            f"{100 * extra / (100 * off):.2f}% |"
+        )
+    same = len(step1["sync"]) == len(step1["stream"]) == 12 and all(
+        a.layer == b.layer
+        and a.js == b.js
+        and all((getattr(a, tap).eigenvalues == getattr(b, tap).eigenvalues).all() for tap in ("pre", "post"))
+        for a, b in zip(step1["sync"], step1["stream"])
+    )
+    verdict = "bitwise equal" if same else "DIFFERENT"
+    print(f"step 1, stream vs sync records: {verdict} over {len(step1['sync'])} layers")
+    print()
     if args.original:
         logging, normal, metrics = run_original(initial, batch, args.original)
         rest = median(logging[1:]) if len(logging) > 1 else logging[0]

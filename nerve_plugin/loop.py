@@ -25,6 +25,7 @@ from torch import nn
 from .monitor import MonitorConfig, NerveMonitor, ParallelGroups
 from .records import LayerRecord, records_by_step
 from .shutdown import WriteOnStop, WritesOnce
+from .solve import DEFERRED_TIMINGS
 from .taps import TapPoint, TapSpec, find_blocks
 from .writers import OUTPUTS, build_writers, open_jsonl, write_all
 
@@ -48,7 +49,7 @@ class NerveLoop:
     existing ``SummaryWriter``. ``on_error``: a writer failing later is reported once and dropped ("warn") or
     raises ("raise").
     Writers are made on the first write, so only the reporting rank (``groups.report_rank``) opens files.
-    With ``solve_timing="overlap"`` the records already solved are written on SIGTERM/SIGINT and at exit
+    With ``solve_timing="overlap"`` or ``"stream"`` the records already solved are written on SIGTERM/SIGINT and at exit
     (nerve_plugin.shutdown), then the signal goes on to what handled it before.
     Under data parallelism pass ``groups=ParallelGroups(token_group=torch.distributed.group.WORLD)`` and call
     every method on every rank.
@@ -94,7 +95,7 @@ class NerveLoop:
         self._writers: list | None = None
         self._writes = WritesOnce(self._write_now)
         self._stop = None
-        if config.solve_timing == "overlap" and reporting:
+        if config.solve_timing in DEFERRED_TIMINGS and reporting:
             self._stop = WriteOnStop(self.monitor.ready_records, self._writes.write_on_stop).install()
 
     @property

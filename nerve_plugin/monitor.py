@@ -5,16 +5,15 @@ Framework-free: it works on any list of model parts with a tap spec, and the tra
 call both at every step; on logging steps ``end_step`` issues collectives. ``flush()`` returns what is still
 pending (call it before a checkpoint and at the end); ``close()`` flushes and removes every hook.
 
-Cost model. Steps that do not log run no NerVE code in the model: in eager mode the hooks exist only during
-logging steps; compiled blocks keep them (adding a hook would recompile) but compile a graph without captures
-for steps that do not log. A logging step adds the Gram products of its forwards and the merge; the
-float64 eigen-solves run either there (``solve_timing="sync"``, on the statistics' device) or on a host thread
-while the next steps train (``solve_timing="overlap"``), their records returned by the ``end_step`` of the next
-logging step (or by ``flush``). ``max_layers_per_step`` bounds the memory and work of one logging step by
-measuring a rotating subset of the layers; ``max_overhead`` lowers that subset further, to what keeps the
-logging steps' cost, amortized over ``log_freq`` steps, within a fraction of training time
-(``budget.OverheadBudget``: the monitor times every step with ``clock`` and the ranks agree on the timings at
-each logging step).
+Cost model. Steps that do not log run no NerVE code in the model: in eager mode the hooks exist only during logging
+steps; compiled blocks keep them (adding a hook would recompile) but compile a graph without captures for steps that
+do not log. A logging step adds the Gram products of its forwards and the merge; the float64 eigen-solves run either
+there (``solve_timing="sync"``, on the statistics' device), on a side CUDA stream (``"stream"``) or on a host thread
+(``"overlap"``) while the next steps train, their records returned by the ``end_step`` of the next logging step (or
+by ``flush``). ``max_layers_per_step`` bounds the memory and work of one logging step by measuring a rotating subset
+of the layers; ``max_overhead`` lowers that subset further, to what keeps the logging steps' cost, amortized over
+``log_freq`` steps, within a fraction of training time (``budget.OverheadBudget``: the monitor times every step with
+``clock`` and the ranks agree on the timings at each logging step).
 
 Parallel layouts, given as process groups:
 - ``token_group``: ranks holding different tokens of the same layers (data parallel, context parallel). Their
@@ -73,7 +72,7 @@ def _accepts_renamed_keys(cls):
 
 def check_solver_keys(check: SectionChecks, section) -> None:
     """The checks of the solver and writer keys MonitorConfig and the [nerve] TOML section share (same names,
-    same messages): solver_threads, eigensolver, max_overhead, on_error."""
+    same messages): solver_threads, eigensolver (and its pairing with solve_timing), max_overhead, on_error."""
     cores = usable_cores()
     check.integer(
         "solver_threads",
@@ -82,6 +81,13 @@ def check_solver_keys(check: SectionChecks, section) -> None:
         lambda v: 0 <= v <= cores,
     )
     check.choice("eigensolver", section.eigensolver, EIGENSOLVERS)
+    if section.solve_timing == "stream" and section.eigensolver == "eigvalsh":
+        # eigvalsh waits for the GPU inside every call: nothing would run beside training.
+        check.fail(
+            "eigensolver",
+            section.eigensolver,
+            '"auto" or "batched" with solve_timing = "stream" (the batched solver is what runs on the side stream)',
+        )
     check.number(
         "max_overhead",
         section.max_overhead,
@@ -103,9 +109,9 @@ class MonitorConfig:
     solve_placement: Literal["rank0", "spread"] = "rank0"
     seed: int = 0
     accumulate_dtype: torch.dtype | None = None
-    # When they run: "sync" (at the logging step) or "overlap" (on a host thread while training goes on).
-    # Formerly solve.
-    solve_timing: Literal["sync", "overlap"] = "sync"
+    # When they run: "sync" (at the logging step), "overlap" (on a host thread while training goes on) or
+    # "stream" (the batched GPU solver on a side CUDA stream while training goes on). Formerly solve.
+    solve_timing: Literal["sync", "overlap", "stream"] = "sync"
     max_layers_per_step: int = 0  # 0: every tracked layer at every logging step
     model_layers: int | None = None  # blocks in the whole model (pipeline stages see only theirs)
     solver_threads: int = 0  # overlap on GPUs: host threads for the solves; 0: this rank's share of the cores
@@ -208,6 +214,11 @@ class NerveMonitor:
         self._normal_steps = StepTimes()
         self._last_end: tuple[int, float] | None = None  # (step, clock) when the last end_step returned
         self._timed_logging_step = False  # this process has timed a logging step (the first one is warm-up)
+        # solve_timing = "stream": a logging step's solves slow the steps that train beside them, so its cost is
+        # its own overhead plus theirs over a normal step (the tail), known only at the next logging step.
+        self._solve_in_flight = False  # a side-stream solve was still running when the last step ended
+        self._stream_tail: list[float] = []  # the times of those steps, compared with the normal step when observed
+        self._deferred_observation: tuple[int, float, bool] | None = None  # (layers, overhead, warm-up)
         self._told_untimeable = False
         self._told_few_tokens = False  # the few-tokens warning is given once per monitor
         # The rotation: at logging index i a window of W = _window_size() layers starts at tracked position
@@ -341,7 +352,7 @@ class NerveMonitor:
     def end_step(self, step: int) -> list[LayerRecord] | None:
         """Call after the step's last backward on every rank. Returns the records that became ready at this step
         on ``report_rank`` ([] on other ranks): this step's own with ``solve_timing="sync"``, earlier logging steps'
-        with ``solve_timing="overlap"``; None when nothing was due."""
+        with ``"overlap"`` and ``"stream"``; None when nothing was due."""
         if self._armed_step == step:
             self.pause()
             self._armed_step = None
@@ -354,6 +365,7 @@ class NerveMonitor:
             self._solves.submit(step, owned)  # sync: solved here, so their time counts in last_duration_s
             self.last_duration_s = self._clock() - start
         records = None
+        self._solves.poll()  # finished side-stream solves let go of their statistics' memory
         if self._solves.pending and self.config.is_log_step(step):
             records = self._records(self._solves.due(before=step))
         self._time_step(step)
@@ -368,7 +380,9 @@ class NerveMonitor:
         now = self._clock()
         seconds = now - self._last_end[1] if self._last_end and self._last_end[0] == step - 1 else None
         if not self.config.is_log_step(step):
-            if seconds is not None:
+            if seconds is not None and self._solve_in_flight:  # it trained beside a logging step's solves
+                self._stream_tail.append(seconds)
+            elif seconds is not None:
                 self._normal_steps.add(seconds)
         elif self._budget.active:
             self._budget_step(step, seconds)
@@ -380,6 +394,7 @@ class NerveMonitor:
                     f"log_freq = 1 has none: every logging step measures "
                     f"{len(self.selected_layers(step))} of {len(self._tracked_layers())} layers"
                 )
+        self._solve_in_flight = self._solves.in_flight()
         self._last_end = (step, self._clock())  # the budget's own collective counts in no step
 
     def _budget_step(self, step: int, seconds: float | None) -> None:
@@ -394,10 +409,18 @@ class NerveMonitor:
         else:  # no step time to compare with: NerVE's own time at this step is what can be measured
             overhead, warm_up = self.last_duration_s, True
         # -1: no normal step timed yet; whether one was is the same on every rank (same steps, same rule).
-        overhead, normal = _agree_max([overhead, -1.0 if normal is None else normal])
+        tail = sum(max(0.0, t - normal) for t in self._stream_tail) if normal is not None else 0.0
+        self._stream_tail = []
+        overhead, normal, tail = _agree_max([overhead, -1.0 if normal is None else normal, tail])
         tracked = self._tracked_layers()
         measured = len(self.selected_layers(step))
-        self._budget.observe(measured, overhead, warm_up=warm_up)
+        if self.config.solve_timing == "stream":
+            # The previous logging step's cost is complete now: its own overhead plus the tail of its solves.
+            previous, self._deferred_observation = self._deferred_observation, (measured, overhead, warm_up)
+            if previous is not None:
+                self._budget.observe(previous[0], previous[1] + tail, warm_up=previous[2])
+        else:
+            self._budget.observe(measured, overhead, warm_up=warm_up)
         size = self._budget.update(
             len(tracked),
             normal if normal >= 0 else None,

@@ -1,14 +1,14 @@
 """Records already solved in memory are written when the process is stopped: SIGTERM (how schedulers stop jobs),
 SIGINT, and interpreter exit.
 
-With ``solve_timing = "overlap"`` a logging step's records wait, solved on the host, for the next logging step, a
-checkpoint or the end. A stop before then would lose them. ``WriteOnStop`` installs handlers that write what is
-ready (``NerveMonitor.ready_records``: no collective, the other ranks may be gone already) and then hand the
-signal on: to the handler that was there before (chained), or to the default action, re-raised, so the job still
-stops as it would have. Every wait is bounded: on SIGTERM at most ``SIGTERM_WAIT_S`` for solves still running
-(schedulers grant some seconds before their SIGKILL: torchrun and Slurm 30 s by default); on SIGINT (an
-interactive Ctrl-C, which should stop at once) and at exit, none. Nothing runs on SIGKILL: what it can lose is
-the records not yet written, up to the last two logging steps' with overlap (README, Outputs).
+With ``solve_timing = "overlap"`` or ``"stream"`` a logging step's records wait, solved on the host or a side CUDA
+stream, for the next logging step, a checkpoint or the end. A stop before then would lose them. ``WriteOnStop``
+installs handlers that write what is ready (``NerveMonitor.ready_records``: no collective, the other ranks may be
+gone already) and then hand the signal on: to the handler that was there before (chained), or to the default action,
+re-raised, so the job still stops as it would have. Every wait is bounded: on SIGTERM at most ``SIGTERM_WAIT_S`` for
+solves still running (schedulers grant some seconds before their SIGKILL: torchrun and Slurm 30 s by default); on
+SIGINT (an interactive Ctrl-C, which should stop at once) and at exit, none. Nothing runs on SIGKILL: what it can
+lose is the records not yet written, up to the last two logging steps' with overlap (README, Outputs).
 """
 
 from __future__ import annotations

@@ -70,6 +70,53 @@ def solve_many(states: list[tuple[Key, int, torch.Tensor]], batched=None) -> dic
     """The spectra of a logging step's merged states, never raising. With a ``batched`` solver
     (``eigen.BatchedEigensolver``), same-size GPU states are solved together by it; everything else, and any
     state it cannot take, goes through ``solve`` one by one."""
+    return launch_many(states, batched).results()
+
+
+class PendingSolves:
+    """A logging step's solves, started by ``launch_many``: the batched groups may still be running on a CUDA
+    stream; ``done()`` asks without waiting, ``results()`` waits and never raises."""
+
+    def __init__(self, results: dict[Key, Solved], groups: list[tuple[int, list, object]]):
+        self._results = results  # what was solved at launch
+        self._groups = groups  # (dim, [(key, count, m2)], eigen.PendingEigenvalues)
+
+    def done(self) -> bool:
+        return all(pending.done() for _, _, pending in self._groups)
+
+    def results(self) -> dict[Key, Solved]:
+        for dim, group, pending in self._groups:
+            try:
+                eigenvalues, fell_back, nonfinite = pending.result()
+                eigenvalues = eigenvalues.numpy()
+            except Exception as error:  # e.g. the eigvalsh of a matrix that failed its checks ran out of memory
+                _solve_one_by_one(self._results, group, dim, error)
+                continue
+            for i, (key, count, _) in enumerate(group):
+                if i in nonfinite:
+                    self._results[key] = Solved(count, None, "non-finite statistics", dim)
+                else:
+                    status = "fallback: eigvalsh (batched solve failed its checks)" if i in fell_back else "ok"
+                    self._results[key] = Solved(count, eigenvalues[i], status, dim)
+        self._groups = []
+        return self._results
+
+
+def _solve_one_by_one(results: dict[Key, Solved], group, dim: int, error: Exception) -> None:
+    logger.warning(
+        f"nerve: batched eigen-solve of {len(group)} {dim} x {dim} states failed ({error}); solving one by one"
+    )
+    for key, count, m2 in group:
+        solved = solve(m2, count)
+        if solved.status == "ok":
+            solved.status = f"fallback: eigvalsh (batched solver: {type(error).__name__})"
+        results[key] = solved
+
+
+def launch_many(states: list[tuple[Key, int, torch.Tensor]], batched=None) -> PendingSolves:
+    """Start the solves of ``solve_many`` on the current CUDA stream: the batched groups are launched without
+    waiting for the GPU (a matrix holding NaN or Inf is found on the GPU and reported, not solved); everything
+    else is solved here. The caller keeps the states' tensors unchanged until ``results()``."""
     results: dict[Key, Solved] = {}
     groups: dict[tuple, list[tuple[Key, int, torch.Tensor]]] = {}
     for key, count, m2 in states:
@@ -77,32 +124,15 @@ def solve_many(states: list[tuple[Key, int, torch.Tensor]], batched=None) -> dic
             groups.setdefault((m2.device, int(m2.shape[0])), []).append((key, count, m2))
         else:
             results[key] = solve(m2, count)
+    launched = []
     for (_, dim), group in groups.items():
-        # One host synchronisation for the whole group instead of one per state.
-        finite = torch.stack([torch.isfinite(m2).all() for _, _, m2 in group]).tolist()
-        for (key, count, _), ok in zip(group, finite):
-            if not ok:
-                results[key] = Solved(count, None, "non-finite statistics", dim)
-        group = [item for item, ok in zip(group, finite) if ok]
-        if not group:
-            continue
         try:
-            eigenvalues, fell_back = batched.eigvalsh([m2 for _, _, m2 in group], [1.0 / (c - 1) for _, c, _ in group])
-            eigenvalues = eigenvalues.cpu().numpy()
+            pending = batched.launch([m2 for _, _, m2 in group], [1.0 / (c - 1) for _, c, _ in group])
         except Exception as error:  # e.g. out of memory for the batch's workspace: one by one instead
-            logger.warning(
-                f"nerve: batched eigen-solve of {len(group)} {dim} x {dim} states failed ({error}); solving one by one"
-            )
-            for key, count, m2 in group:
-                solved = solve(m2, count)
-                if solved.status == "ok":
-                    solved.status = f"fallback: eigvalsh (batched solver: {type(error).__name__})"
-                results[key] = solved
+            _solve_one_by_one(results, group, dim, error)
             continue
-        for i, (key, count, _) in enumerate(group):
-            status = "fallback: eigvalsh (batched solve failed its checks)" if i in fell_back else "ok"
-            results[key] = Solved(count, eigenvalues[i], status, dim)
-    return results
+        launched.append((dim, group, pending))
+    return PendingSolves(results, launched)
 
 
 def warn_if_not_ok(step: int, key: Key, solved: Solved) -> None:
@@ -260,7 +290,9 @@ def split_too_few(states: list[tuple[Key, int, torch.Tensor]]) -> tuple[list, di
     return solvable, too_few
 
 
-SOLVE_TIMINGS = ("sync", "overlap")
+SOLVE_TIMINGS = ("sync", "overlap", "stream")
+# The timings whose records arrive at a later step (written on SIGTERM/SIGINT and at exit, nerve_plugin.shutdown).
+DEFERRED_TIMINGS = ("overlap", "stream")
 
 
 class SolveScheduler:
@@ -271,7 +303,11 @@ class SolveScheduler:
     batched solver), due at once. "overlap": device states are copied to pinned host memory on a side stream (the
     training stream never waits for the copy) and solved by a host thread while training goes on; a step's
     results are due at the next logging step, or at ``due(None)`` (a flush), and what the thread has not started
-    by then is solved on the statistics' GPU by the caller (``Job.finish``)."""
+    by then is solved on the statistics' GPU by the caller (``Job.finish``). "stream": the batched solver is
+    launched at ``submit`` on a side CUDA stream of the statistics' GPU (after the step's work) and runs while the
+    next steps train; its results are due as with "overlap", when the stream has finished them or by waiting
+    for it. States the batched solver does not take (host statistics, small ones, ``eigensolver = "eigvalsh"``)
+    are solved at ``submit``; a step's results are due together, as with "overlap"."""
 
     def __init__(self, timing: str, threads: int | None = None, batched=None):
         """``threads``: the host solver thread's torch threads (None: the cores left, see
@@ -284,18 +320,22 @@ class SolveScheduler:
         self._batched = batched or (lambda: None)
         self._done: list[tuple[int, dict[Key, Solved]]] = []  # sync results not yet taken
         self._jobs: list[tuple[Job, dict[Key, Solved]]] = []  # overlapped jobs and their < 2-token results
+        self._streamed: list[tuple[int, PendingSolves, dict[Key, Solved]]] = []  # "stream" steps in flight
+        self._solve_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._thread: BackgroundSolver | None = None
         self._copy_stream = None
         self._device: torch.device | None = None  # where overdue solves run: the statistics' GPU
 
     @property
     def pending(self) -> bool:
-        return bool(self._done or self._jobs)
+        return bool(self._done or self._jobs or self._streamed)
 
     def submit(self, step: int, states: list[tuple[Key, int, torch.Tensor]]) -> None:
         states, too_few = split_too_few(states)
         if self.timing == "sync":
             self._done.append((step, {**solve_many(states, self._batched()), **too_few}))
+        elif self.timing == "stream":
+            self._streamed.append((step, self._launch_on_side_stream(states), too_few))
         else:
             self._jobs.append((self._thread_for(states).submit(self._host_job(step, states)), too_few))
 
@@ -303,6 +343,10 @@ class SolveScheduler:
         """(step, results) of every sync step, and of the overlapped steps < ``before`` (all with None), waiting
         for their solves; in step order."""
         out, self._done = self._done, []
+        streamed = [item for item in self._streamed if before is None or item[0] < before]
+        self._streamed = [item for item in self._streamed if item not in streamed]
+        for step, pending, too_few in streamed:
+            out.append((step, {**pending.results(), **too_few}))  # waits for the stream where it is not done
         due = [(job, too_few) for job, too_few in self._jobs if before is None or job.step < before]
         self._jobs = [item for item in self._jobs if item not in due]
         for job, too_few in due:
@@ -320,16 +364,51 @@ class SolveScheduler:
         ``wait_s`` in all for solves still running: for a process being stopped. The steps stay pending."""
         deadline = time.monotonic() + wait_s
         out = []
+        for step, pending, too_few in self._streamed:
+            while not pending.done() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if pending.done():  # results() caches: the step stays pending with the same results
+                out.append((step, {**pending.results(), **too_few}))
         for job, too_few in list(self._jobs):
             job.done.wait(timeout=max(0.0, deadline - time.monotonic()))
             out.append((job.step, {**dict(job.results), **too_few}))  # a copy: the thread may still add to it
         return out
+
+    def in_flight(self) -> bool:
+        """Whether a side-stream solve is still running on the GPU (asked without waiting)."""
+        return any(not pending.done() for _, pending, _ in self._streamed)
+
+    def poll(self) -> None:
+        """Take the results of the side-stream solves that have finished, without waiting (an event query
+        each), so their statistics are freed now rather than when they are due; they stay pending."""
+        for _, pending, _ in self._streamed:
+            if pending.done():
+                pending.results()
 
     def close(self) -> None:
         """Stop the host thread (after its queued jobs). Results not taken are dropped: ``due(None)`` first."""
         if self._thread is not None:
             self._thread.close()
             self._thread = None
+
+    def _launch_on_side_stream(self, states) -> PendingSolves:
+        """``launch_many`` on a side stream of the statistics' GPU, ordered after the work queued so far on the
+        training stream (the merge that produced the states); the training stream never waits for it."""
+        cuda = [m2 for _, _, m2 in states if m2.is_cuda]
+        if not cuda:
+            return launch_many(states, None)  # solved here: nothing to overlap with on the host's own stream
+        device = cuda[0].device
+        stream = self._solve_streams.get(device)
+        if stream is None:
+            stream = self._solve_streams[device] = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            pending = launch_many(states, self._batched())
+        for m2 in cuda:
+            # The caching allocator may hand m2's memory to training once the caller drops it: not before
+            # the side stream has read it.
+            m2.record_stream(stream)
+        return pending
 
     def _thread_for(self, states) -> BackgroundSolver:
         if self._thread is None:

@@ -375,3 +375,35 @@ def test_every_rank_chooses_from_the_slowest_ranks_timings(tmp_path):
     assert sizes == {1: 5, 5: 5, 10: 1, 15: 1, 20: 1, 25: 1, 30: 1, 35: 1}
     assert ranks[0]["recorded"] == ranks[0]["measured"] and ranks[1]["recorded"] == {}  # rank 0 reports
     assert {v[0] for s, v in ranks[0]["measured"].items() if int(s) >= 10} == set(ALL)
+
+
+def test_stream_solves_count_the_steps_they_slow_down(monkeypatch):
+    """With solve_timing = "stream" a logging step's solves run beside the next steps and slow them: the budget
+    charges that tail to the logging step (observed at the next logging step), and those steps are not normal
+    steps. Own cost 10 ms a layer plus 5 ms a layer on each of the two steps after: 20 ms a layer, the first
+    case of test_an_expensive_logging_step_measures_a_rotating_subset. Without the tail all 5 layers (50 ms)
+    would fit the 50 ms allowance."""
+    from nerve_plugin.solve import SolveScheduler
+
+    clock = Clock()
+    fake_cost(monkeypatch, clock, per_layer_s=0.01)
+    ending = {"step": 0, "in_flight_until": 0}
+    monkeypatch.setattr(SolveScheduler, "in_flight", lambda self: ending["step"] < ending["in_flight_until"])
+    monitor = monitor_for(clock, solve_timing="stream")
+    model = monitor.parts[0]
+    measured, last_logged = {}, None
+    for step in range(1, 51):
+        monitor.begin_step(step)
+        if monitor.armed_step == step:
+            measured[step] = monitor.selected_layers(step)
+        model(batch(step))
+        clock.advance(STEP_S)
+        if last_logged is not None and step - last_logged in (1, 2):
+            clock.advance(0.005 * len(measured[last_logged]))  # the side stream's solves beside this step
+        ending["step"] = step
+        if step in measured:
+            last_logged, ending["in_flight_until"] = step, step + 2
+        monitor.end_step(step)
+    monitor.close()
+    assert measured == dict(zip([1, 10, 20, 30, 40, 50], [ALL, ALL, [0, 1], [2, 3], [0, 4], [1, 2]]))
+    assert monitor._normal_steps.median() == pytest.approx(STEP_S)

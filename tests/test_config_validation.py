@@ -58,7 +58,7 @@ TABLE: dict[str, tuple[type, type, dict[str, Row]]] = {
             "spec": Row(["llama3"], "gpt2", "one of 'auto', 'llama3', 'llama4', 'qwen3', 'nerve_llama'"),
             # the seed is hashed into the sub-sampling generator's seed: any integer works
             "seed": Row("0", AnyOfType((-(2**63), 0, 2**63 - 1)), "an integer"),
-            "solve_timing": Row(1, "async", "one of 'sync', 'overlap'"),
+            "solve_timing": Row(1, "async", "one of 'sync', 'overlap', 'stream'"),
             "max_layers_per_step": Row("2", -1, "0 (all layers) or an integer >= 1"),
             "memory_budget_gb": Row("16", 0.0, "a number of GiB > 0"),
             # bounded by the host: more threads than cores starved the host (and 2^40 killed the solver thread)
@@ -395,3 +395,20 @@ def test_old_argument_names_of_monitor_config_and_nerve_loop_warn_once_at_the_ca
         assert loop.monitor.config.solve_timing == "overlap"
     finally:
         loop.close()
+
+
+def test_stream_solves_need_the_batched_solver():
+    """eigvalsh waits for the GPU inside every call: with solve_timing = "stream" nothing would run beside
+    training, so the pairing is refused, the same way by the [nerve] section and MonitorConfig."""
+    from nerve_plugin.monitor import MonitorConfig
+
+    expected = (
+        r"""^\[nerve\] eigensolver = 'eigvalsh' is not allowed: expected "auto" or "batched" with """
+        r"""solve_timing = "stream" """
+    )
+    for config, error in ((Nerve, NerveConfigError), (MonitorConfig, ValueError)):
+        with pytest.raises(error, match=expected.strip()):
+            config(solve_timing="stream", eigensolver="eigvalsh")
+        for solver in ("auto", "batched"):
+            assert config(solve_timing="stream", eigensolver=solver).eigensolver == solver
+        assert config(solve_timing="sync", eigensolver="eigvalsh").eigensolver == "eigvalsh"

@@ -256,3 +256,20 @@ def test_plan_takes_larger_eager_chunks_only_where_they_pay():
     assert solver.chunk_size(32, n) == 4  # what buffer_bytes counts: the held chunk
     small = BatchedEigensolver(workspace_bytes=4 * matrix, eager_workspace_bytes=4 * matrix, eager_min_dim=64)
     assert small.plan(32, n) == (4, True)  # the eager bound holds no more than the held workspace
+
+
+def test_a_non_finite_matrix_is_reported_without_touching_the_others():
+    """A launched solve finds NaN/Inf on the device (no host synchronisation), solves that matrix as zeros and
+    reports it; the batch's other matrices get the same eigenvalues as without it."""
+    n = 20
+    cases = covariance_cases(n, seed=3)[:2]
+    bad = cases[0].clone()
+    bad[3, 5] = float("inf")
+    solver = BatchedEigensolver(bandwidth=4, graphs=False, device_types=("cpu",))
+    alone, _ = solver.eigvalsh(cases)
+    pending = solver.launch([cases[0], bad, cases[1]])
+    assert pending.done()  # CPU: nothing in flight
+    values, fell_back, nonfinite = pending.result()
+    assert nonfinite == {1} and fell_back == set() and torch.isnan(values[1]).all()
+    assert torch.equal(values[0], alone[0]) and torch.equal(values[2], alone[1])
+    assert pending.result() is pending.result()  # taken once, then kept

@@ -84,14 +84,15 @@ def assert_matches(record, ref, rel=1e-10):
         assert result.eee == pytest.approx(want["eee"], rel=rel, abs=1e-12)
 
 
-def test_overlap_returns_each_step_at_the_next_logging_step_and_equals_sync():
+@pytest.mark.parametrize("timing", ["overlap", "stream"])
+def test_deferred_timings_return_each_step_at_the_next_logging_step_and_equal_sync(timing):
     model = Toy().double()
     # max_overhead = 0: every layer at every logging step, whatever this machine's step times
     sync = train(
         model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve_timing="sync", max_overhead=0)).attach(), 7
     )
     overlap = train(
-        model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve_timing="overlap", max_overhead=0)).attach(), 7
+        model, NerveMonitor(model, SPEC, MonitorConfig(log_freq=3, solve_timing=timing, max_overhead=0)).attach(), 7
     )
     assert sorted(sync) == sorted(overlap) == [(s, layer) for s in (1, 3, 6) for layer in range(LAYERS)]
     for key, (returned_at, record) in overlap.items():

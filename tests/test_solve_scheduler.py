@@ -1,4 +1,5 @@
-"""solve.SolveScheduler: when a logging step's states are solved, one interface for "sync" and "overlap"."""
+"""solve.SolveScheduler: when a logging step's states are solved, one interface for "sync", "overlap" and
+"stream" (on CPU statistics "stream" solves at submit and keeps the results until due, as on a GPU)."""
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def reference(seed: int) -> np.ndarray:
     return np.sort(np.linalg.eigvalsh((m2 / (count - 1)).numpy()))[::-1].clip(1e-12)
 
 
-@pytest.mark.parametrize("timing", ["sync", "overlap"])
+@pytest.mark.parametrize("timing", ["sync", "overlap", "stream"])
 def test_due_gives_each_step_once_in_order_with_exact_spectra(timing):
     scheduler = SolveScheduler(timing, threads=1)
     try:
@@ -40,8 +41,9 @@ def test_due_gives_each_step_once_in_order_with_exact_spectra(timing):
         scheduler.close()
 
 
-def test_ready_waits_a_bounded_time_and_keeps_the_steps_pending():
-    scheduler = SolveScheduler("overlap", threads=1)
+@pytest.mark.parametrize("timing", ["overlap", "stream"])
+def test_ready_waits_a_bounded_time_and_keeps_the_steps_pending(timing):
+    scheduler = SolveScheduler(timing, threads=1)
     try:
         scheduler.submit(3, states(3))
         ((step, results),) = scheduler.ready(wait_s=60)
@@ -52,5 +54,5 @@ def test_ready_waits_a_bounded_time_and_keeps_the_steps_pending():
 
 
 def test_an_unknown_timing_names_the_choices():
-    with pytest.raises(ValueError, match="sync.*overlap"):
+    with pytest.raises(ValueError, match="sync.*overlap.*stream"):
         SolveScheduler("later")

@@ -87,11 +87,10 @@ def test_a_second_run_into_the_same_folder_is_refused_at_start_up(tmp_path):
     assert not jsonl(cfg).exists()
 
 
-def test_sigterm_writes_the_records_already_solved(tmp_path):
-    # overlap: step 2's records are written at step 4, step 4's would wait for step 6; SIGTERM comes after step 4
-    cfg, env = faulty(
-        tmp_path, "sigterm:4", {"training": {"steps": 10}}, nerve={"log_freq": 2, "solve_timing": "overlap"}
-    )
+@pytest.mark.parametrize("timing", ["overlap", "stream"])
+def test_sigterm_writes_the_records_already_solved(tmp_path, timing):
+    # deferred: step 2's records are written at step 4, step 4's would wait for step 6; SIGTERM comes after step 4
+    cfg, env = faulty(tmp_path, "sigterm:4", {"training": {"steps": 10}}, nerve={"log_freq": 2, "solve_timing": timing})
     start = time.monotonic()
     proc = run_torchtitan(tmp_path, cfg, nproc=1, env=env, check=False, timeout=240)
     assert "tt_faults: SIGTERM to torchrun after step 4" in proc.stdout

@@ -91,6 +91,63 @@ class _Captured:
     status: torch.Tensor
 
 
+def _to_host(*tensors: torch.Tensor) -> tuple:
+    """Host copies of ``tensors`` started on the current stream (pinned: the copies do not block the host), and
+    an event that fires once they are done (None on CPU, where they are done at once)."""
+    if tensors[0].device.type != "cuda":
+        return (*tensors, None)
+    copies = []
+    for tensor in tensors:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        copies.append(host)
+    event = torch.cuda.Event()
+    event.record()
+    return (*copies, event)
+
+
+@dataclass
+class PendingEigenvalues:
+    """A launched batched solve: ``done()`` asks without waiting, ``result()`` waits for it and solves with
+    torch.linalg.eigvalsh the matrices that failed the invariant checks."""
+
+    matrices: list[torch.Tensor]
+    scales: list[float]
+    values: torch.Tensor  # (len, n) float64 on the host once ``event`` fired
+    good: torch.Tensor  # (len,) bool: passed the checks
+    finite: torch.Tensor  # (len,) bool: the matrix held no NaN or Inf
+    event: torch.cuda.Event | None
+    _result: tuple | None = None
+
+    def done(self) -> bool:
+        return self._result is not None or self.event is None or self.event.query()
+
+    def result(self) -> tuple[torch.Tensor, set[int], set[int]]:
+        """(descending eigenvalues (len, n) on the host, indices eigvalsh solved, indices of non-finite
+        matrices, whose rows are NaN); computed once."""
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+    def _finish(self) -> tuple[torch.Tensor, set[int], set[int]]:
+        from ..spectrum import EIG_FLOOR
+
+        if self.event is not None:
+            self.event.synchronize()
+        nonfinite = set((~self.finite).nonzero().flatten().tolist())
+        self.values[sorted(nonfinite)] = float("nan")
+        fell_back: set[int] = set()
+        for i in (~self.good & self.finite).nonzero().flatten().tolist():
+            fell_back.add(i)
+            dim = int(self.matrices[i].shape[-1])
+            logger.warning(f"nerve: batched eigen-solve of a {dim} x {dim} matrix failed its checks; using eigvalsh")
+            m = self.matrices[i].to(torch.float64)
+            exact = torch.linalg.eigvalsh(0.5 * (m + m.mT) * self.scales[i]).flip(-1)
+            self.values[i] = exact.cpu().clamp_min_(EIG_FLOOR)
+        self.matrices = []  # the caller's statistics are no longer needed
+        return self.values, fell_back, nonfinite
+
+
 class BatchedEigensolver:
     """Eigenvalues of many same-size symmetric matrices at once, on the matrices' GPU.
 
@@ -154,9 +211,17 @@ class BatchedEigensolver:
     def eigvalsh(
         self, matrices: Sequence[torch.Tensor], scales: Sequence[float] | None = None
     ) -> tuple[torch.Tensor, set[int]]:
-        """Descending float64 eigenvalues (len, n) of ``scale * (M + M^T) / 2`` for each n x n ``M`` (any float
-        dtype, one CUDA device), clamped at ``EIG_FLOOR`` as the metrics expect, and the indices of the
-        matrices that torch.linalg.eigvalsh solved instead."""
+        """Descending float64 eigenvalues (len, n), on the host, of ``scale * (M + M^T) / 2`` for each n x n
+        ``M`` (any float dtype, one CUDA device), clamped at ``EIG_FLOOR`` as the metrics expect, and the
+        indices of the matrices that torch.linalg.eigvalsh solved instead. A matrix holding NaN or Inf gives a
+        row of NaN (``launch(...).result()`` says which)."""
+        values, fell_back, _ = self.launch(matrices, scales).result()
+        return values, fell_back
+
+    def launch(self, matrices: Sequence[torch.Tensor], scales: Sequence[float] | None = None) -> PendingEigenvalues:
+        """Start the solve of ``eigvalsh`` on the current CUDA stream and return at once: nothing here waits for
+        the GPU, so a side stream can run it while training goes on. The caller keeps ``matrices`` unchanged
+        until the result is taken (their memory must not be reused before: ``Tensor.record_stream``)."""
         from ..spectrum import EIG_FLOOR
 
         count = len(matrices)
@@ -164,7 +229,8 @@ class BatchedEigensolver:
         device = matrices[0].device
         scales = list(scales) if scales is not None else [1.0] * count
         out = torch.empty(count, dim, dtype=torch.float64, device=device)
-        fell_back: set[int] = set()
+        good = torch.empty(count, dtype=torch.bool, device=device)
+        finite = torch.empty(count, dtype=torch.bool, device=device)
         chunk, kept = self.plan(count, dim, _free_bytes(device))
         for lo in range(0, count, chunk):
             hi = min(count, lo + chunk)
@@ -181,9 +247,12 @@ class BatchedEigensolver:
             if hi - lo < inputs.shape[0]:
                 inputs[hi - lo :].zero_()
             # The invariants of the inputs, before the pipeline overwrites them (a fused reduction: no n x n
-            # temporary).
+            # temporary). A NaN or Inf anywhere makes the Frobenius norm non-finite: such a matrix is solved as
+            # a zero matrix (no kernel sees a NaN) and reported, without a host synchronisation to find it.
             trace = inputs[: hi - lo].diagonal(dim1=1, dim2=2).sum(-1)
             scale = torch.linalg.vector_norm(inputs[: hi - lo], dim=(1, 2))
+            finite[lo:hi] = torch.isfinite(scale)
+            inputs[: hi - lo].masked_fill_(~finite[lo:hi, None, None], 0.0)
             if captured is not None and captured.graph is not None:
                 captured.graph.replay()
                 eigenvalues, status = captured.eigenvalues, captured.status
@@ -193,23 +262,16 @@ class BatchedEigensolver:
             # Backward-stable stages move each eigenvalue by a small multiple of eps ||A||; the floor lets a zero
             # matrix's eigenvalues be tiny but not exact zeros.
             tolerance = 64 * dim * EPS * scale + dim * 1e-300
-            good = (
+            good[lo:hi] = (
                 (status == 0)
                 & torch.isfinite(eigenvalues).all(-1)
                 & ((eigenvalues.sum(-1) - trace).abs() <= tolerance)
                 & ((eigenvalues.square().sum(-1).sqrt() - scale).abs() <= tolerance)
             )
-            factors = torch.tensor([0.5 * v for v in scales[lo:hi]], dtype=torch.float64, device=device)
+            factors = torch.tensor([0.5 * v for v in scales[lo:hi]], dtype=torch.float64).to(device, non_blocking=True)
             out[lo:hi] = eigenvalues.flip(-1) * factors[:, None]
-            bad = (~good).nonzero().flatten().tolist()  # one host sync per chunk: the results are needed now
-            for i in bad:
-                fell_back.add(lo + i)
-                logger.warning(
-                    f"nerve: batched eigen-solve of a {dim} x {dim} matrix failed its checks; using eigvalsh"
-                )
-                m = matrices[lo + i].to(torch.float64)
-                out[lo + i] = torch.linalg.eigvalsh(0.5 * (m + m.mT) * scales[lo + i]).flip(-1)
-        return out.clamp_min_(EIG_FLOOR), fell_back
+        out.clamp_min_(EIG_FLOOR)
+        return PendingEigenvalues(list(matrices), scales, *_to_host(out, good, finite))
 
     def _get(self, batch: int, dim: int, device: torch.device) -> _Captured:
         """The kept workspace (and, on CUDA with graphs on, the captured pipeline) for chunks of this shape."""

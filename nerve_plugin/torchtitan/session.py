@@ -33,6 +33,7 @@ from torchtitan.tools.logging import logger
 from nerve_plugin.monitor import MonitorConfig, NerveMonitor, ParallelGroups
 from nerve_plugin.records import LayerRecord, records_by_step
 from nerve_plugin.shutdown import WriteOnStop, WritesOnce
+from nerve_plugin.solve import DEFERRED_TIMINGS
 from nerve_plugin.taps import BUILTIN_SPECS, TapSpec
 from nerve_plugin.torchtitan import tensorboard_runs
 from nerve_plugin.torchtitan.sections import NerveConfigError
@@ -165,7 +166,7 @@ class NerveSession:
             return
         if "jsonl" in self.config.outputs:
             self._lock = open_jsonl(self.job.jsonl_path)
-        if self.config.solve_timing == "overlap":
+        if self.config.solve_timing in DEFERRED_TIMINGS:
             self._stop = WriteOnStop(self._ready_records, self._writes.write_on_stop).install()
 
     def close(self) -> None:
