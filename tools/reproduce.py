@@ -71,7 +71,8 @@ class Quantity:
     key: str  # a KEYS or DERIVED key
 
     def label(self) -> str:
-        return f"{self.arm} {(KEYS.get(self.key) or DERIVED[self.key])[1]}"
+        # KEYS rows are (path, label, decimals), DERIVED rows (label, decimals): the label is second from last.
+        return f"{self.arm} {(KEYS.get(self.key) or DERIVED[self.key])[-2]}"
 
     def decimals(self) -> int:
         return (KEYS.get(self.key) or DERIVED[self.key])[-1]
