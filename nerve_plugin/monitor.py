@@ -380,7 +380,9 @@ class NerveMonitor:
         now = self._clock()
         seconds = now - self._last_end[1] if self._last_end and self._last_end[0] == step - 1 else None
         if not self.config.is_log_step(step):
-            if seconds is not None and self._solve_in_flight:  # it trained beside a logging step's solves
+            if seconds is not None and self._solve_in_flight and self._budget.active:
+                # It trained beside a logging step's solves; the next logging step's budget update takes (and
+                # clears) these, so they are kept only while there is a budget.
                 self._stream_tail.append(seconds)
             elif seconds is not None:
                 self._normal_steps.add(seconds)

@@ -344,7 +344,7 @@ class SolveScheduler:
         for their solves; in step order."""
         out, self._done = self._done, []
         streamed = [item for item in self._streamed if before is None or item[0] < before]
-        self._streamed = [item for item in self._streamed if item not in streamed]
+        self._streamed = [item for item in self._streamed if not (before is None or item[0] < before)]
         for step, pending, too_few in streamed:
             out.append((step, {**pending.results(), **too_few}))  # waits for the stream where it is not done
         due = [(job, too_few) for job, too_few in self._jobs if before is None or job.step < before]

@@ -407,3 +407,14 @@ def test_stream_solves_count_the_steps_they_slow_down(monkeypatch):
     monitor.close()
     assert measured == dict(zip([1, 10, 20, 30, 40, 50], [ALL, ALL, [0, 1], [2, 3], [0, 4], [1, 2]]))
     assert monitor._normal_steps.median() == pytest.approx(STEP_S)
+
+
+def test_stream_tail_is_not_kept_without_a_budget(monkeypatch):
+    """With max_overhead = 0 nothing takes the tail steps' times, so none are kept (no growth over a run)."""
+    from nerve_plugin.solve import SolveScheduler
+
+    clock = Clock()
+    monkeypatch.setattr(SolveScheduler, "in_flight", lambda self: True)
+    monitor = monitor_for(clock, solve_timing="stream", max_overhead=0)
+    run(monitor, clock, 25)
+    assert monitor._stream_tail == []
